@@ -1,0 +1,33 @@
+# mdmt_tf — two commands on a fresh machine:
+#   make run    set up (venv outside the checkout, keyed by requirements/lock.txt) and run the main job
+#   make test   set up and run all tests
+# Also: make setup | make venv (prints the venv's bin dir last) | make lock | make bench-train
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV_BIN = $(shell scripts/setup_venv.sh --print-path)/bin
+PY = PYTHONPATH=$(CURDIR) $(VENV_BIN)/python
+RUN_DIR ?= runs/main
+PYTEST_ARGS ?=
+
+.PHONY: help setup venv run test lock
+
+help:
+	@echo "make run    set up + run the main job on the embedded synthetic data"
+	@echo "make test   set up + run all tests (slow end-to-end tests included)"
+	@echo "make setup  only set up the venv;  make venv  same, then print its bin directory"
+
+setup:
+	@scripts/setup_venv.sh >&2
+
+venv: setup
+	@echo $(VENV_BIN)
+
+run: setup
+	$(PY) -m mdmt_tf data describe --data synthetic
+
+test: setup
+	@PYTHONPATH=$(CURDIR) scripts/run_tests.sh $(VENV_BIN)/python $(PYTEST_ARGS)
+
+# Re-resolve requirements/requirements.in into requirements/lock.txt (see DEVELOPERS.md).
+lock:
+	@scripts/relock.sh
