@@ -1,0 +1,90 @@
+"""Vocabularies and dense statistics, built on the training split only.
+
+Sparse ids: each feature's values seen in training at least `min_count` times, most
+frequent first (ties by value). Id 0 is the out-of-vocabulary (OOV) bucket: a value
+unseen in training, rarer than `min_count`, or empty maps to 0, in training, evaluation
+and serving alike. Known values map to 1..len(vocabulary).
+
+Domains: the spec's `domains` list if given, else the training values sorted (numbers
+numerically). A domain value unseen in training is an error, not an OOV: a model has no
+tower for it.
+
+Dense: mean and standard deviation on training, for standardisation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mdmt_tf.data.table import ROW
+from mdmt_tf.errors import DataError
+from mdmt_tf.spec import DatasetSpec
+
+OOV_ID = 0
+
+
+def natural_key(value: str):
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+@dataclasses.dataclass
+class Vocabularies:
+    sparse: dict[str, list[str]]
+    domains: list[str]
+    dense_mean: dict[str, float]
+    dense_std: dict[str, float]
+
+    @classmethod
+    def build(cls, train: pd.DataFrame, spec: DatasetSpec, min_count: int = 1,
+              source: str = "train") -> "Vocabularies":
+        if min_count < 1:
+            raise DataError(f"min_count must be >= 1, got {min_count}")
+        sparse = {}
+        for name in spec.sparse:
+            counts = train[name][train[name] != ""].value_counts()
+            counts = counts[counts >= min_count]
+            # most frequent first, ties by value: deterministic
+            frame = pd.DataFrame({"value": counts.index.astype(str), "count": counts.to_numpy()})
+            frame = frame.sort_values(["count", "value"], ascending=[False, True], kind="mergesort")
+            sparse[name] = frame["value"].tolist()
+        seen = sorted(set(train[spec.domain]), key=natural_key)
+        if spec.domains is not None:
+            unknown = [d for d in seen if d not in spec.domains]
+            if unknown:
+                first = train[train[spec.domain] == unknown[0]][ROW].iloc[0]
+                raise DataError(f"domain value {unknown[0]!r} is not among the spec's domains "
+                                f"{list(spec.domains)}", source=source, row=int(first), column=spec.domain)
+            domains = list(spec.domains)
+        else:
+            domains = seen
+        mean = {n: float(np.mean(train[n].to_numpy(np.float64))) for n in spec.dense}
+        std = {n: float(np.std(train[n].to_numpy(np.float64))) for n in spec.dense}
+        return cls(sparse=sparse, domains=domains, dense_mean=mean, dense_std=std)
+
+    def size(self, feature: str) -> int:
+        """Number of ids of a sparse feature, OOV bucket included."""
+        return len(self.sparse[feature]) + 1
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.domains)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "Vocabularies":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text_or_path).read_text()
+        return cls(**json.loads(text))

@@ -1,0 +1,40 @@
+"""Plain-text / markdown tables for the terminal and for docs."""
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub-flavoured markdown table, columns padded so it also reads in a terminal."""
+    cells = [[_cell(h) for h in headers]] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(cells[0]), sep] + [line(r) for r in cells[1:]])
+
+
+def data_summary(spec, splits) -> str:
+    """Rows and positive rate per task, per split and domain."""
+    headers = ["split", spec.domain, "rows"] + [f"{t} rate" for t in spec.tasks]
+    from mdmt_tf.data.vocab import natural_key
+
+    order = list(spec.domains) if spec.domains else None
+    rows = []
+    for split, table in splits.items():
+        groups = dict(list(table.groupby(spec.domain)))
+        for domain in (order or sorted(groups, key=natural_key)):
+            if domain not in groups:
+                continue
+            part = groups[domain]
+            rows.append([split, domain, len(part)] + [float(part[t].mean()) for t in spec.tasks])
+        rows.append([split, "(all)", len(table)] + [float(table[t].mean()) for t in spec.tasks])
+    return markdown_table(headers, rows)

@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+
+from mdmt_tf.cli import PLANNED, main
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "mdmt_tf", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_lists_every_verb():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for verb in ["data", *PLANNED]:
+        assert verb in out.stdout
+
+
+def test_unbuilt_verbs_say_so_and_fail(capsys):
+    for verb in PLANNED:
+        assert main([verb, "--anything", "x"]) == 2
+        assert "not built yet" in capsys.readouterr().err
+
+
+def test_data_synthetic_then_describe(tmp_path, capsys):
+    assert main(["data", "synthetic", "--out", str(tmp_path), "--rows", "2000"]) == 0
+    assert {p.name for p in tmp_path.iterdir()} == {"train.csv", "val.csv", "test.csv", "spec.yaml"}
+    capsys.readouterr()
+    assert main(["data", "describe", "--data", f"csv:{tmp_path}"]) == 0
+    out = capsys.readouterr().out
+    assert "| train | 0" in out and "vocabulary sizes" in out
+
+
+def test_user_errors_are_one_line_without_traceback(tmp_path):
+    (tmp_path / "bad.csv").write_text("domain_id,user_id,click\n0,u1,3\n")
+    (tmp_path / "spec.yaml").write_text("domain: domain_id\ntasks: [click]\nsparse: [user_id]\n")
+    for args, fragment in [
+        (["data", "describe", "--data", f"csv:{tmp_path / 'bad.csv'}"], "not 0 or 1"),
+        (["data", "describe", "--data", "csv:/no/such/dir"], "does not exist"),
+        (["data", "describe", "--data", "parquet:x"], "is not a data source"),
+        (["data", "describe", "--data", f"csv:{tmp_path / 'bad.csv'}", "--spec", str(tmp_path / "x.yaml")],
+         "does not exist"),
+    ]:
+        out = run_cli(*args)
+        assert out.returncode == 2, out
+        assert "Traceback" not in out.stderr
+        assert out.stderr.strip().startswith("mdmt: error:") and fragment in out.stderr, out.stderr
+    out = run_cli("data", "describe", "--no-such-flag")
+    assert out.returncode == 2 and "unrecognized arguments" in out.stderr
+
+
+@pytest.mark.slow
+def test_setup_py_installs_the_mdmt_console_script(tmp_path):
+    """`pip install .` provides the `mdmt` command (installed here into a target dir)."""
+    import shutil
+
+    from tests.conftest import REPO
+
+    src = tmp_path / "src"  # build from a copy: pip builds in-tree and would litter the checkout
+    for name in ("mdmt_tf", "components", "pipeline", "serving"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "setup.py", src / "setup.py")
+    target = tmp_path / "site"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation",
+                           "--target", str(target), "-q", str(src)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    script = target / "bin" / "mdmt"
+    assert script.exists()
+    env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and "pipeline" in out.stdout, out.stderr

@@ -1,0 +1,60 @@
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mdmt_tf.data.dataset import MDMTData, make_dataset
+from mdmt_tf.data.readers import random_split, Splits
+from mdmt_tf.preprocessing import FeatureFront, encode
+
+
+@pytest.fixture(scope="module")
+def data(small_synthetic):
+    spec, table = small_synthetic
+    parts = random_split(table, 0, "synthetic")
+    return MDMTData.build(spec, Splits(**parts, sources={s: s for s in parts}))
+
+
+def test_ids_oov_and_scaling(data):
+    spec, vocab = data.spec, data.vocab
+    front = FeatureFront.from_data(spec, vocab)
+    raw = {k: v[:4].copy() for k, v in data.raw_features("train").items()}
+    raw["user_id"][1] = "never-seen-user"
+    raw["item_id"][2] = ""
+    out = encode(front, raw)
+    assert out["user_id"][0] == vocab.sparse["user_id"].index(raw["user_id"][0]) + 1
+    assert out["user_id"][1] == 0 and out["item_id"][2] == 0  # OOV bucket
+    assert list(out["domain_id"]) == [vocab.domains.index(d) for d in raw["domain_id"]]
+    expected = (raw["age"] - vocab.dense_mean["age"]) / vocab.dense_std["age"]
+    np.testing.assert_allclose(out["age"], expected, rtol=1e-5)
+    assert {v.dtype for k, v in out.items() if k != "age"} == {np.dtype("int32")}
+
+
+def test_ids_of_values_only_in_test_are_oov(data):
+    """Vocabularies come from the training split only."""
+    train_users = set(data.splits.train["user_id"])
+    test_only = [u for u in data.splits.test["user_id"] if u not in train_users]
+    assert test_only, "the fixture should have users unseen in training"
+    front = FeatureFront.from_data(data.spec, data.vocab)
+    encoded = encode(front, data.raw_features("test"))
+    is_new = ~data.splits.test["user_id"].isin(train_users).to_numpy()
+    assert (encoded["user_id"][is_new] == 0).all() and (encoded["user_id"][~is_new] > 0).all()
+
+
+def test_unknown_domain_fails_with_its_name(data):
+    front = FeatureFront.from_data(data.spec, data.vocab)
+    raw = {k: v[:2].copy() for k, v in data.raw_features("train").items()}
+    raw["domain_id"][1] = "mars"
+    with pytest.raises(tf.errors.InvalidArgumentError, match="unknown value of domain column 'domain_id'"):
+        encode(front, raw)
+
+
+def test_serialization_round_trip_and_tf_data(data):
+    front = FeatureFront.from_data(data.spec, data.vocab)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(front))
+    raw = data.raw_features("val")
+    a, b = encode(front, raw), encode(clone, raw)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    ds = make_dataset(a, data.labels("val"), batch_size=128, shuffle=True, seed=0)
+    features, labels = next(iter(ds))
+    assert features["user_id"].shape == (128,) and set(labels) == {"click", "like"}
