@@ -1,0 +1,36 @@
+"""Small helpers shared by the layers (not layers themselves)."""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+PACKAGE = "mdmt_tf"
+
+
+def register(cls):
+    """Register a layer / initializer for Keras serialization under the mdmt_tf package."""
+    return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+
+
+def check_positive_int(value, name: str, layer: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{layer}: `{name}` must be an integer >= {minimum}, received {name}={value!r}")
+    return value
+
+
+def check_units(units, name: str, layer: str, allow_empty: bool = False) -> tuple[int, ...]:
+    if isinstance(units, int):
+        units = (units,)
+    units = tuple(units)
+    if (not units and not allow_empty) or any(isinstance(u, bool) or not isinstance(u, int) or u < 1 for u in units):
+        raise ValueError(f"{layer}: `{name}` must be a {'possibly empty ' if allow_empty else 'non-empty '}list of "
+                         f"positive integers, received {name}={units!r}")
+    return units
+
+
+def select_by_domain(x, domain, num_domains: int):
+    """x: [B, D, ...] -> [B, ...], each row's own domain. A one-hot product, so the
+    unselected slices get exactly zero gradient and no gather of weights is needed."""
+    onehot = ops.one_hot(domain, num_domains, dtype=x.dtype)
+    onehot = ops.reshape(onehot, (-1, num_domains) + (1,) * (len(x.shape) - 2))
+    return ops.sum(x * onehot, axis=1)

@@ -1,0 +1,77 @@
+"""FieldEmbedding: one embedding table per categorical field, looked up in one gather."""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from mdmt_tf.layers._util import check_positive_int, register
+
+
+@register
+class FieldEmbedding(keras.layers.Layer):
+    """Embeds several categorical fields: {field: ids [B]} -> [B, num_fields, dim].
+
+    The per-field tables are stored as one concatenated table with per-field offsets, so
+    a batch costs one gather whatever the number of fields. Id 0 of every field is its
+    OOV bucket (see mdmt_tf.preprocessing).
+
+    Args:
+      vocab_sizes: {field: number of ids including OOV}; the order is the output order.
+      dim: embedding size.
+      l2: L2 penalty on the looked-up rows (mean over the batch), added with add_loss.
+      oov_rate: in training, each id of the `oov_fields` is replaced by the OOV id 0 with
+        this probability, so the OOV embedding is trained for cold-start ids.
+      oov_fields: fields `oov_rate` applies to (e.g. user_id, item_id).
+    """
+
+    def __init__(self, vocab_sizes, dim, l2=0.0, oov_rate=0.0, oov_fields=(),
+                 embeddings_initializer="uniform", seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not vocab_sizes:
+            raise ValueError("FieldEmbedding: `vocab_sizes` must name at least one field, received {}")
+        self.vocab_sizes = {str(k): check_positive_int(v, f"vocab_sizes[{k!r}]", "FieldEmbedding")
+                            for k, v in dict(vocab_sizes).items()}
+        self.dim = check_positive_int(dim, "dim", "FieldEmbedding")
+        self.l2 = float(l2)
+        self.oov_rate = float(oov_rate)
+        if not 0.0 <= self.oov_rate < 1.0:
+            raise ValueError(f"FieldEmbedding: `oov_rate` must be in [0, 1), received oov_rate={oov_rate!r}")
+        unknown = [f for f in oov_fields if f not in self.vocab_sizes]
+        if unknown:
+            raise ValueError(f"FieldEmbedding: `oov_fields` {unknown} are not fields; valid: {list(self.vocab_sizes)}")
+        self.oov_fields = tuple(oov_fields)
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.seed = seed
+        self._seed_generator = keras.random.SeedGenerator(seed) if self.oov_rate else None
+        offsets, total = {}, 0
+        for field, size in self.vocab_sizes.items():
+            offsets[field] = total
+            total += size
+        self.offsets, self.total = offsets, total
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return tuple(self.vocab_sizes)
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_weight(name="embeddings", shape=(self.total, self.dim),
+                                          initializer=self.embeddings_initializer)
+
+    def call(self, ids, training=None):
+        columns = []
+        for field in self.vocab_sizes:
+            column = ops.cast(ids[field], "int32")
+            if training and self.oov_rate and field in self.oov_fields:
+                keep = keras.random.uniform(ops.shape(column), seed=self._seed_generator) >= self.oov_rate
+                column = ops.where(keep, column, ops.zeros_like(column))
+            columns.append(column + self.offsets[field])
+        embedded = ops.take(self.embeddings, ops.stack(columns, axis=1), axis=0)
+        if self.l2:
+            batch = ops.cast(ops.shape(embedded)[0], embedded.dtype)
+            self.add_loss(self.l2 * ops.sum(ops.square(embedded)) / ops.maximum(batch, 1.0))
+        return embedded
+
+    def get_config(self):
+        return {**super().get_config(), "vocab_sizes": dict(self.vocab_sizes), "dim": self.dim, "l2": self.l2,
+                "oov_rate": self.oov_rate, "oov_fields": list(self.oov_fields), "seed": self.seed,
+                "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer)}

@@ -1,0 +1,59 @@
+"""ExpertGroup: E experts (MLPs) evaluated as one stacked einsum per layer."""
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from mdmt_tf.layers._util import check_positive_int, check_units, register
+from mdmt_tf.layers.initializers import GroupedGlorotUniform
+
+
+@register
+class ExpertGroup(keras.layers.Layer):
+    """A group of `num_experts` MLP experts with identical shapes and separate weights.
+
+    Input: [B, in] (every expert reads the same input) or [B, E, in] (expert e reads
+    slice e, e.g. task experts on their own task's embeddings). Output: [B, E, units[-1]].
+    Each layer of all experts is a single einsum with a stacked kernel [E, in, out],
+    which is much faster than E separate Dense layers.
+    """
+
+    def __init__(self, num_experts, units, activation="relu", kernel_initializer=None,
+                 bias_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        self.num_experts = check_positive_int(num_experts, "num_experts", "ExpertGroup")
+        self.units = check_units(units, "units", "ExpertGroup")
+        self.activation_name = activation
+        self.activation = keras.activations.get(activation)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer or GroupedGlorotUniform())
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        if len(input_shape) == 3 and input_shape[1] != self.num_experts:
+            raise ValueError(f"ExpertGroup: a rank-3 input must be [batch, num_experts={self.num_experts}, "
+                             f"features], received shape {input_shape}")
+        fan_in = input_shape[-1]
+        self.kernels, self.biases = [], []
+        for i, width in enumerate(self.units):
+            self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(self.num_experts, fan_in, width),
+                                                initializer=self.kernel_initializer))
+            self.biases.append(self.add_weight(name=f"bias_{i}", shape=(self.num_experts, width),
+                                               initializer=self.bias_initializer))
+            fan_in = width
+
+    def call(self, x):
+        equation = "bi,eio->beo" if len(x.shape) == 2 else "bei,eio->beo"
+        for kernel, bias in zip(self.kernels, self.biases):
+            x = self.activation(ops.einsum(equation, x, kernel) + bias)
+            equation = "bei,eio->beo"
+        return x
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_experts, self.units[-1])
+
+    def get_config(self):
+        return {**super().get_config(), "num_experts": self.num_experts, "units": list(self.units),
+                "activation": self.activation_name,
+                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+                "bias_initializer": keras.initializers.serialize(self.bias_initializer)}

@@ -1,0 +1,114 @@
+"""MDMTModel: the base of every model.
+
+A model takes the feature dict the preprocessing front produces ({domain: int32 [B],
+sparse: int32 [B] each, dense: float32 [B] each}) and returns {task: probability
+[B, 1]}, each sample scored for its own domain. Subclasses implement `build_layers`
+and `forward`, which also returns details (logits, gate weights) for reports.
+
+Architecture variables (M3oE's alpha, beta, gate logits) are those listed by a layer's
+`architecture_weights`; `weight_variables` are all other trainable variables. The
+bi-level trainer optimises the two sets with separate optimizers.
+"""
+from __future__ import annotations
+
+import keras
+import numpy as np
+from keras import ops
+
+from mdmt_tf.layers import FieldEmbedding
+from mdmt_tf.models.params import Params
+from mdmt_tf.models.schema import FeatureSchema
+
+
+class MDMTModel(keras.Model):
+    Params = Params
+
+    def __init__(self, schema, params=None, **kwargs):
+        super().__init__(**kwargs)
+        self.schema = FeatureSchema.coerce(schema)
+        self.params = self.Params.coerce(params, model=self.name)
+        self.build_layers()
+        self(self.schema.dummy_batch(), training=False)  # create every variable now
+
+    # ---------------------------------------------------------------- subclass API
+    def build_layers(self) -> None:
+        raise NotImplementedError
+
+    def forward(self, features, training=None) -> tuple[dict, dict]:
+        """-> ({task: probability [B, 1]}, details {name: tensor})."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ Keras API
+    def call(self, features, training=None):
+        outputs, _ = self.forward(features, training=training)
+        return outputs
+
+    def get_config(self):
+        return {"name": self.name, "schema": self.schema.to_dict(), "params": self.params.to_dict()}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    # -------------------------------------------------------------------- helpers
+    def make_embedding(self, name="embedding", with_domain=True, fields=None):
+        sizes = self.schema.field_sizes(with_domain=with_domain)
+        if fields is not None:
+            sizes = {f: sizes[f] for f in fields}
+        p = self.params
+        oov_fields = [f for f in (p.oov_fields or self.schema.sparse_names) if f in sizes]
+        return FieldEmbedding(sizes, p.embedding_dim, l2=p.embedding_l2, oov_rate=p.oov_rate,
+                              oov_fields=oov_fields if p.oov_rate else (), name=name)
+
+    def dense_inputs(self, features):
+        """[B, n_dense] float (or None without dense features)."""
+        if not self.schema.dense:
+            return None
+        return ops.stack([ops.cast(features[n], self.compute_dtype) for n in self.schema.dense], axis=1)
+
+    def flat_inputs(self, embedded, features):
+        """[B, F, k] embeddings (+ dense features) -> [B, F*k (+ n_dense)]."""
+        flat = ops.reshape(embedded, (-1, embedded.shape[1] * embedded.shape[2]))
+        dense = self.dense_inputs(features)
+        return flat if dense is None else ops.concatenate([flat, ops.cast(dense, flat.dtype)], axis=1)
+
+    def domain_index(self, features):
+        return ops.cast(features[self.schema.domain], "int32")
+
+    def probabilities(self, logits):
+        """logits [B, T] -> {task: sigmoid [B, 1]} in float32."""
+        probs = ops.sigmoid(ops.cast(logits, "float32"))
+        return {task: probs[:, i:i + 1] for i, task in enumerate(self.schema.tasks)}
+
+    # ------------------------------------------------------------- introspection
+    @property
+    def architecture_variables(self) -> list:
+        found, seen = [], set()
+        for layer in self._flatten_layers(include_self=False):
+            for variable in getattr(layer, "architecture_weights", ()):
+                if id(variable) not in seen:
+                    seen.add(id(variable))
+                    found.append(variable)
+        return found
+
+    @property
+    def weight_variables(self) -> list:
+        arch = {id(v) for v in self.architecture_variables}
+        return [v for v in self.trainable_variables if id(v) not in arch]
+
+    def explain(self, features) -> dict:
+        """Details of a forward pass on a batch, as numpy: logits, gate weights, and the
+        architecture values sigmoid(alpha), sigmoid(beta) where the model has them."""
+        _, details = self.forward(features, training=False)
+        out = {k: ops.convert_to_numpy(v) for k, v in details.items()}
+        out.update(self.architecture_values())
+        return out
+
+    def architecture_values(self) -> dict:
+        """{variable path: sigmoid(value) for alpha/beta, raw for gate logits}."""
+        values = {}
+        for variable in self.architecture_variables:
+            raw = np.asarray(ops.convert_to_numpy(variable))
+            is_logit = "gate_logits" in variable.path
+            values[variable.path] = raw if is_logit else 1.0 / (1.0 + np.exp(-raw))
+        return values

@@ -1,0 +1,242 @@
+"""The baselines users compare against, each a small composition of mdmt_tf.layers.
+
+Multi-task baselines (Shared-Bottom, MMoE, PLE, ESMM, the single-task MLPs) become
+multi-domain through the domain feature (an embedded field); STAR and PEPNet use their
+own domain mechanisms, as in the joint-modeling tutorial.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from keras import layers, ops
+
+from mdmt_tf.errors import ConfigError
+from mdmt_tf.layers import (CGC, EPNet, ExpertGroup, MLP, PartitionedNorm, PPNetTowers, SoftmaxGate, StarFC,
+                            Towers, mix)
+from mdmt_tf.layers._util import register
+from mdmt_tf.models.base import MDMTModel
+from mdmt_tf.models.params import Params
+
+TOWERS_MAY_BE_EMPTY = Params.MAY_BE_EMPTY | {"tower_units"}
+
+
+# ------------------------------------------------------------------ single-task MLP
+@dataclasses.dataclass(frozen=True)
+class MLPParams(Params):
+    units: tuple[int, ...] = (256, 128, 64)
+
+
+@register
+class SingleTaskMLP(MDMTModel):
+    """One independent MLP per task (own embeddings, own layers): T single-task models in
+    one Keras model. Their parameters are disjoint, so training them together equals
+    training each alone on its task."""
+
+    Params = MLPParams
+
+    def build_layers(self):
+        p = self.params
+        self.embeddings = [self.make_embedding(f"embedding_{t}") for t in self.schema.tasks]
+        self.mlps = [MLP(p.units, dropout=p.dropout, name=f"mlp_{t}") for t in self.schema.tasks]
+        self.heads = [layers.Dense(1, name=f"head_{t}") for t in self.schema.tasks]
+
+    def forward(self, features, training=None):
+        logits = [head(mlp(self.flat_inputs(emb(features, training=training), features), training=training))
+                  for emb, mlp, head in zip(self.embeddings, self.mlps, self.heads)]
+        logits = ops.concatenate(logits, axis=1)
+        return self.probabilities(logits), {"logits": logits}
+
+
+# ------------------------------------------------------------------- Shared-Bottom
+@dataclasses.dataclass(frozen=True)
+class SharedBottomParams(Params):
+    bottom_units: tuple[int, ...] = (256, 128)
+    tower_units: tuple[int, ...] = (64,)
+    MAY_BE_EMPTY = TOWERS_MAY_BE_EMPTY
+
+
+@register
+class SharedBottom(MDMTModel):
+    """Hard parameter sharing: one bottom MLP, one tower per task."""
+
+    Params = SharedBottomParams
+
+    def build_layers(self):
+        p = self.params
+        self.embedding = self.make_embedding()
+        self.bottom = MLP(p.bottom_units, dropout=p.dropout, name="bottom")
+        self.towers = Towers(self.schema.num_tasks, p.tower_units, name="towers")
+
+    def forward(self, features, training=None):
+        x = self.flat_inputs(self.embedding(features, training=training), features)
+        logits = self.towers(self.bottom(x, training=training))
+        return self.probabilities(logits), {"logits": logits}
+
+
+# ---------------------------------------------------------------------------- MMoE
+@dataclasses.dataclass(frozen=True)
+class MMoEParams(Params):
+    num_experts: int = 4
+    expert_units: tuple[int, ...] = (256, 64)
+    tower_units: tuple[int, ...] = (64,)
+    MAY_BE_EMPTY = TOWERS_MAY_BE_EMPTY
+
+
+@register
+class MMoE(MDMTModel):
+    """Multi-gate mixture of experts (Ma et al., KDD 2018): shared experts, a softmax gate
+    per task, a tower per task."""
+
+    Params = MMoEParams
+
+    def build_layers(self):
+        p = self.params
+        self.embedding = self.make_embedding()
+        self.experts = ExpertGroup(p.num_experts, p.expert_units, name="experts")
+        self.gates = SoftmaxGate(p.num_experts, num_gates=self.schema.num_tasks, name="gates")
+        self.towers = Towers(self.schema.num_tasks, p.tower_units, name="towers")
+
+    def forward(self, features, training=None):
+        x = self.flat_inputs(self.embedding(features, training=training), features)
+        weights = self.gates(x)
+        logits = self.towers(mix(weights, self.experts(x)))
+        return self.probabilities(logits), {"logits": logits, "gates/tasks": weights}
+
+
+# ----------------------------------------------------------------------------- PLE
+@dataclasses.dataclass(frozen=True)
+class PLEParams(Params):
+    num_levels: int = 2
+    num_task_experts: int = 1
+    num_shared_experts: int = 2
+    expert_units: tuple[int, ...] = (256, 64)
+    tower_units: tuple[int, ...] = (64,)
+    MAY_BE_EMPTY = TOWERS_MAY_BE_EMPTY
+
+    def validate(self, model):
+        super().validate(model)
+        if self.num_levels < 2:
+            raise ConfigError(f"{model}: PLE needs num_levels >= 2 extraction levels (1 is CGC), got {self.num_levels}")
+
+
+@register
+class PLE(MDMTModel):
+    """Progressive layered extraction (Tang et al., RecSys 2020): stacked CGC levels."""
+
+    Params = PLEParams
+
+    def build_layers(self):
+        p, t = self.params, self.schema.num_tasks
+        self.embedding = self.make_embedding()
+        self.levels = [CGC(t, p.num_task_experts, p.num_shared_experts, p.expert_units,
+                           last_level=i == p.num_levels - 1, name=f"cgc_{i}") for i in range(p.num_levels)]
+        self.towers = Towers(t, p.tower_units, name="towers")
+
+    def forward(self, features, training=None):
+        x = self.flat_inputs(self.embedding(features, training=training), features)
+        task_x = ops.broadcast_to(x[:, None, :], (ops.shape(x)[0], self.schema.num_tasks, x.shape[-1]))
+        shared_x = x
+        for level in self.levels:
+            task_x, shared_x, weights = level(task_x, shared_x)
+        logits = self.towers(task_x)
+        return self.probabilities(logits), {"logits": logits, "gates/tasks": weights}
+
+
+# ---------------------------------------------------------------------------- STAR
+@dataclasses.dataclass(frozen=True)
+class STARParams(Params):
+    star_units: tuple[int, ...] = (256, 128, 64)
+    aux_units: tuple[int, ...] = (64,)
+
+
+@register
+class STAR(MDMTModel):
+    """Star topology adaptive recommender (Sheng et al., CIKM 2021): partitioned
+    normalisation, star-topology FC layers (shared * domain weights) ending in one logit
+    per task, plus an auxiliary network on the domain indicator whose logit is added."""
+
+    Params = STARParams
+
+    def build_layers(self):
+        p, s = self.params, self.schema
+        self.embedding = self.make_embedding(with_domain=False)
+        self.domain_embedding = layers.Embedding(s.num_domains, p.embedding_dim, name="domain_embedding")
+        self.norm = PartitionedNorm(s.num_domains, name="partitioned_norm")
+        self.star_layers = [StarFC(s.num_domains, u, activation="relu", name=f"star_fc_{i}")
+                            for i, u in enumerate(p.star_units)]
+        self.star_out = StarFC(s.num_domains, s.num_tasks, name="star_out")
+        self.aux = MLP(p.aux_units + (s.num_tasks,), activate_last=False, name="auxiliary")
+
+    def forward(self, features, training=None):
+        domain = self.domain_index(features)
+        h = self.norm(self.flat_inputs(self.embedding(features, training=training), features), domain,
+                      training=training)
+        for layer in self.star_layers:
+            h = layer(h, domain)
+        logits = self.star_out(h, domain) + self.aux(self.domain_embedding(domain))
+        return self.probabilities(logits), {"logits": logits}
+
+
+# --------------------------------------------------------------------------- PEPNet
+@dataclasses.dataclass(frozen=True)
+class PEPNetParams(Params):
+    tower_units: tuple[int, ...] = (128, 64)
+    gate_hidden_units: int = 64
+    gate_scale: float = 2.0
+    prior_fields: tuple[str, ...] = ("user_id", "item_id")  # personalised priors; absent ones are skipped
+    MAY_BE_EMPTY = TOWERS_MAY_BE_EMPTY
+
+
+@register
+class PEPNet(MDMTModel):
+    """Parameter and embedding personalised network (Chang et al., KDD 2023): EPNet scales
+    the general embeddings by a Gate NU of the domain embedding; PPNet scales every tower
+    layer's input by a Gate NU of the prior (user / item id) embeddings."""
+
+    Params = PEPNetParams
+
+    def build_layers(self):
+        p, s = self.params, self.schema
+        self.prior = tuple(f for f in p.prior_fields if f in s.sparse_names) or s.sparse_names
+        self.embedding = self.make_embedding(with_domain=False)
+        self.domain_embedding = layers.Embedding(s.num_domains, p.embedding_dim, name="domain_embedding")
+        self.epnet = EPNet(p.gate_hidden_units, p.gate_scale, name="epnet")
+        self.ppnet = PPNetTowers(s.num_tasks, p.tower_units, p.gate_hidden_units, p.gate_scale, name="ppnet")
+
+    def forward(self, features, training=None):
+        embedded = self.embedding(features, training=training)
+        general = self.flat_inputs(embedded, features)
+        o_ep = self.epnet(general, self.domain_embedding(self.domain_index(features)))
+        position = {f: i for i, f in enumerate(self.embedding.fields)}
+        prior = ops.concatenate([embedded[:, position[f]] for f in self.prior], axis=-1)
+        logits = self.ppnet(o_ep, prior)
+        return self.probabilities(logits), {"logits": logits}
+
+
+# ---------------------------------------------------------------------------- ESMM
+@dataclasses.dataclass(frozen=True)
+class ESMMParams(Params):
+    tower_units: tuple[int, ...] = (128, 64)
+
+
+@register
+class ESMM(MDMTModel):
+    """Entire space multi-task model (Ma et al., SIGIR 2018) as a cascade over the tasks in
+    spec order: p(task_0) = sigmoid(l_0) and p(task_k) = p(task_{k-1}) * sigmoid(l_k), e.g.
+    p(like) = p(click) * p(like | click). Every output is trained on the entire space."""
+
+    Params = ESMMParams
+
+    def build_layers(self):
+        self.embedding = self.make_embedding()
+        self.towers = Towers(self.schema.num_tasks, self.params.tower_units, name="towers")
+
+    def forward(self, features, training=None):
+        x = self.flat_inputs(self.embedding(features, training=training), features)
+        logits = self.towers(x)
+        conditional = ops.sigmoid(ops.cast(logits, "float32"))  # p(task_k | task_{k-1})
+        outputs, running = {}, None
+        for i, task in enumerate(self.schema.tasks):
+            running = conditional[:, i:i + 1] if running is None else running * conditional[:, i:i + 1]
+            outputs[task] = running
+        return outputs, {"logits": logits, "conditional": conditional}

@@ -1,0 +1,176 @@
+"""M3oE: multi-domain multi-task mixture of experts (Zhang et al., SIGIR 2024).
+
+    embeddings (domain + sparse fields, dense) -> x
+    bottom:  x + StarFC(x) (shared weights * domain weights, shared + domain bias; a skip
+             connection), then an MLP 512 -> 256 with LayerNorm + ReLU
+    experts: n_shared shared experts, one domain expert per domain, one task expert per
+             task; each bottom 256 -> 256 -> 64
+    shared view [d, t]: softmax gate of tower (d, t) over the shared experts, reading
+             stop_gradient(bottom) as the authors do (gate_stop_gradient)
+    level 1 (balance beta): domain view d = s(b_d) E_d + (1 - s(b_d)) / (D - 1) sum_{j!=d} E_j;
+             task view t likewise over the task experts
+    level 2 (amplitude alpha): fused[d, t] = shared[d, t] + s(a_d) domain[d] + s(a_t) task[t]
+    towers:  one per (domain, task), 64 -> 64 -> 1; a sample is scored by its domain's towers
+
+alpha, beta (and the gate logits with shared_gate="logits") are architecture variables.
+
+gating="aftb" (the m3oe_aftb model): task experts read task-specific embeddings, and the
+gate of tower (d, t) mixes ALL experts (shared, domain, task) forward, with
+stop_gradient on the other tasks' experts there and in the task view (STEM's
+All-Forward-Task-specific-Backward), so task t's loss never trains another task's
+experts or embeddings. aftb_domains=True also stops gradients into other domains' experts
+(domain x task AFTB; no published system has it).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from keras import ops
+
+from mdmt_tf.errors import ConfigError
+from mdmt_tf.layers import (MLP, Amplitude, Balance, ExpertGroup, GateLogits, SoftmaxGate, StarFC, Towers,
+                            aftb_mix, mix)
+from mdmt_tf.layers._util import select_by_domain
+from mdmt_tf.layers._util import register
+from mdmt_tf.models.base import MDMTModel
+from mdmt_tf.models.params import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class M3oEParams(Params):
+    """Defaults follow the authors' released configuration."""
+
+    bottom_units: tuple[int, ...] = (512, 256)
+    expert_units: tuple[int, ...] = (256, 64)   # bottom 256 -> 256 -> 64
+    tower_units: tuple[int, ...] = (64,)        # 64 -> 64 -> 1
+    num_shared_experts: int = 4
+    arch_init: float = 1.0                      # raw alpha / beta; sigmoid(1) = 0.73
+    arch_granularity: str = "scalar"            # "scalar" (authors) or "vector" (per domain / task)
+    gate_stop_gradient: bool = True             # shared gates read stop_gradient(bottom)
+    shared_gate: str = "network"                # "network" (softmax of Dense(bottom)) or "logits" (arch vars)
+    gating: str = "softmax"                     # "softmax" or "aftb"
+    aftb_domains: bool = False                  # with aftb: also stop gradients into other domains' experts
+    task_embedding_fields: tuple[str, ...] = ()  # with aftb: fields with task-specific tables; () = all sparse
+
+    CHOICES = {"arch_granularity": ("scalar", "vector"), "shared_gate": ("network", "logits"),
+               "gating": ("softmax", "aftb")}
+    MAY_BE_EMPTY = Params.MAY_BE_EMPTY | {"tower_units", "task_embedding_fields"}
+
+    def validate(self, model):
+        super().validate(model)
+        if self.aftb_domains and self.gating != "aftb":
+            raise ConfigError(f"{model}: aftb_domains=true needs gating='aftb', got gating={self.gating!r}")
+
+
+@register
+class M3oE(MDMTModel):
+    Params = M3oEParams
+
+    def build_layers(self):
+        s, p = self.schema, self.params
+        d, t = s.num_domains, s.num_tasks
+        self.aftb = p.gating == "aftb"
+        self.embedding = self.make_embedding()
+        n_in = (1 + len(s.sparse)) * p.embedding_dim + len(s.dense)
+        self.star = StarFC(d, n_in, name="star_bottom")
+        self.bottom = MLP(p.bottom_units, norm="layer", dropout=p.dropout, name="bottom")
+        self.shared_experts = ExpertGroup(p.num_shared_experts, p.expert_units, name="shared_experts")
+        self.domain_experts = ExpertGroup(d, p.expert_units, name="domain_experts")
+        self.task_experts = ExpertGroup(t, p.expert_units, name="task_experts")
+        if self.aftb:
+            fields = p.task_embedding_fields or s.sparse_names
+            unknown = [f for f in fields if f not in s.sparse_names]
+            if unknown:
+                raise ConfigError(f"{self.name}: task_embedding_fields {unknown} are not sparse features; "
+                                  f"valid: {list(s.sparse_names)}")
+            self.task_fields = tuple(fields)
+            self.task_embeddings = [self.make_embedding(f"task_embedding_{i}", with_domain=False, fields=fields)
+                                    for i in range(t)]
+            num_experts = p.num_shared_experts + d + t
+            if p.shared_gate == "network":
+                self.gates = [SoftmaxGate(num_experts, num_gates=d, name=f"aftb_gate_{i}") for i in range(t)]
+            else:
+                self.gates = GateLogits(num_experts, num_gates=d * t, name="aftb_gate_logits")
+        elif p.shared_gate == "network":
+            self.gates = SoftmaxGate(p.num_shared_experts, num_gates=d * t, stop_gradient_input=p.gate_stop_gradient,
+                                     name="shared_gates")
+        else:
+            self.gates = GateLogits(p.num_shared_experts, num_gates=d * t, name="shared_gate_logits")
+        self.domain_balance = Balance(d, p.arch_granularity, p.arch_init,
+                                      stop_gradient_others=self.aftb and p.aftb_domains, name="domain_balance")
+        self.task_balance = Balance(t, p.arch_granularity, p.arch_init, stop_gradient_others=self.aftb,
+                                    name="task_balance")
+        self.amplitude = Amplitude(d, t, p.arch_granularity, p.arch_init, name="amplitude")
+        self.towers = Towers(t, p.tower_units, num_domains=d, name="towers")
+
+    # ---------------------------------------------------------------------------
+    def _bottom(self, x, domain, training):
+        return self.bottom(x + self.star(x, domain), training=training)
+
+    def _task_inputs(self, embedded, features, training):
+        """[B, T, n_in]: task t's fields from its own tables, the others shared."""
+        position = {f: i for i, f in enumerate(self.embedding.fields)}
+        rows = []
+        for table in self.task_embeddings:
+            own = table(features, training=training)  # [B, |task_fields|, k]
+            pieces = []
+            for field in self.embedding.fields:
+                if field in self.task_fields:
+                    j = self.task_fields.index(field)
+                    pieces.append(own[:, j])
+                else:
+                    pieces.append(embedded[:, position[field]])
+            rows.append(self.flat_inputs(ops.stack(pieces, axis=1), features))
+        return ops.stack(rows, axis=1)
+
+    def _gate_weights(self, gate_input, domain, task_inputs=None):
+        """Gate weights of each sample's own domain: [B, T, E]."""
+        d, t = self.schema.num_domains, self.schema.num_tasks
+        if isinstance(self.gates, GateLogits):
+            weights = ops.reshape(self.gates(gate_input), (-1, d, t, self.gates.num_experts))
+            return select_by_domain(weights, domain, d)
+        if not self.aftb:
+            weights = ops.reshape(self.gates(gate_input), (-1, d, t, self.gates.num_experts))
+            return select_by_domain(weights, domain, d)
+        per_task = []
+        for i, gate in enumerate(self.gates):
+            inputs = ops.concatenate([gate_input, ops.cast(task_inputs[:, i], gate_input.dtype)], axis=-1)
+            per_task.append(select_by_domain(gate(inputs), domain, d))  # [B, E]
+        return ops.stack(per_task, axis=1)
+
+    def _aftb_keep(self, domain):
+        """[B, T, E]: 1 where tower (own domain, t) may train the expert."""
+        s, p = self.schema, self.params
+        d, t = s.num_domains, s.num_tasks
+        batch = ops.shape(domain)[0]
+        shared = ops.ones((batch, t, p.num_shared_experts))
+        if p.aftb_domains:
+            dom = ops.broadcast_to(ops.one_hot(domain, d)[:, None, :], (batch, t, d))
+        else:
+            dom = ops.ones((batch, t, d))
+        task = ops.broadcast_to(ops.eye(t)[None], (batch, t, t))
+        return ops.concatenate([shared, dom, task], axis=-1)
+
+    def forward(self, features, training=None):
+        domain = self.domain_index(features)
+        embedded = self.embedding(features, training=training)
+        x = self.flat_inputs(embedded, features)
+        bottom = self._bottom(x, domain, training)
+        shared = self.shared_experts(bottom)    # [B, S, H]
+        domains = self.domain_experts(bottom)   # [B, D, H]
+        gate_input = ops.stop_gradient(bottom) if self.params.gate_stop_gradient else bottom
+        if self.aftb:
+            task_inputs = self._task_inputs(embedded, features, training)
+            tasks = self.task_experts(task_inputs)  # [B, T, H], expert t on task t's embeddings
+            weights = self._gate_weights(gate_input, domain, task_inputs)
+            everything = ops.concatenate([shared, domains, tasks], axis=1)
+            shared_view = aftb_mix(weights, everything, self._aftb_keep(domain))
+        else:
+            tasks = self.task_experts(bottom)
+            weights = self._gate_weights(bottom, domain)  # SoftmaxGate applies the stop_gradient itself
+            shared_view = mix(weights, shared)  # [B, T, H]
+        domain_view = select_by_domain(self.domain_balance(domains), domain, self.schema.num_domains)
+        task_view = self.task_balance(tasks)
+        fused = self.amplitude(shared_view, domain_view, task_view, domain)
+        logits = self.towers(fused, domain)
+        return self.probabilities(logits), {"logits": logits, "gates/shared": weights}

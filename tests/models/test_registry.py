@@ -1,0 +1,99 @@
+import pytest
+
+from mdmt_tf.errors import ConfigError
+from mdmt_tf.models import FeatureSchema, ModelConfig, build_model, model_names
+from mdmt_tf.models.m3oe import M3oE
+
+
+def test_unknown_model_lists_the_valid_ones(encoded):
+    schema, _ = encoded
+    with pytest.raises(ConfigError) as err:
+        build_model("m4oe", schema)
+    assert "unknown model 'm4oe'" in str(err.value)
+    for name in model_names():
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("params, fragment", [
+    ({"num_shared_expert": 4}, "unknown hyper-parameter(s) ['num_shared_expert']; valid: ["),
+    ({"num_shared_experts": 0}, "num_shared_experts must be >= 1"),
+    ({"num_shared_experts": 2.5}, "must be an integer"),
+    ({"expert_units": [256, -1]}, "list of positive integers"),
+    ({"expert_units": []}, "expert_units must not be empty"),
+    ({"gating": "moe"}, "choose one of ['softmax', 'aftb']"),
+    ({"arch_granularity": "matrix"}, "choose one of ['scalar', 'vector']"),
+    ({"aftb_domains": True}, "needs gating='aftb'"),
+    ({"dropout": 1.5}, "dropout must be in [0, 1)"),
+    ({"gate_stop_gradient": "yes"}, "true or false"),
+])
+def test_invalid_hyper_parameters_are_named(params, fragment):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig("m3oe", params)
+    assert fragment in str(err.value) and "m3oe" in str(err.value)
+
+
+def test_presets_and_other_models_validate():
+    with pytest.raises(ConfigError, match="contradict the model's preset"):
+        ModelConfig("m3oe_aftb", {"gating": "softmax"})
+    with pytest.raises(ConfigError, match="num_levels >= 2"):
+        ModelConfig("ple", {"num_levels": 1})
+    assert ModelConfig("m3oe_aftb").resolved_params()["gating"] == "aftb"
+    with pytest.raises(ConfigError, match="task_embedding_fields"):
+        build_model("stem", FeatureSchema(domain="d", domains=["a"], tasks=["y"], sparse=[["u", 3]]),
+                    {"task_embedding_fields": ["nope"]})
+
+
+def test_model_config_files(tmp_path):
+    (tmp_path / "m.yaml").write_text("name: mmoe\nparams:\n  num_experts: 6\n  expert_units: [32, 16]\n")
+    config = ModelConfig.from_file(tmp_path / "m.yaml")
+    assert config.resolved_params()["num_experts"] == 6
+    assert config.resolved_params()["expert_units"] == [32, 16]
+    (tmp_path / "bad.yaml").write_text("model: mmoe\n")
+    with pytest.raises(ConfigError, match="'name'"):
+        ModelConfig.from_file(tmp_path / "bad.yaml")
+
+
+def test_m3oe_defaults_are_the_authors_configuration(encoded):
+    schema, _ = encoded
+    model = build_model("m3oe", schema)
+    assert isinstance(model, M3oE)
+    shapes = {v.path.split("/", 1)[1]: tuple(v.shape) for v in model.trainable_variables}
+    n_in = (1 + len(schema.sparse)) * 16 + len(schema.dense)  # domain + sparse fields, 16-d, + dense
+    d, t = schema.num_domains, schema.num_tasks
+    assert shapes["embedding/embeddings"][1] == 16
+    assert shapes["bottom/dense_0/kernel"] == (n_in, 512) and shapes["bottom/dense_1/kernel"] == (512, 256)
+    assert shapes["shared_experts/kernel_0"] == (4, 256, 256) and shapes["shared_experts/kernel_1"] == (4, 256, 64)
+    assert shapes["domain_experts/kernel_1"] == (d, 256, 64) and shapes["task_experts/kernel_1"] == (t, 256, 64)
+    assert shapes["towers/kernel_0"] == (d, t, 64, 64) and shapes["towers/kernel_1"] == (d, t, 64, 1)
+    assert shapes["star_bottom/domain_kernel"] == (d, n_in, n_in)
+    assert any("bottom/norm_0" in p for p in shapes)  # LayerNorm in the bottom
+
+
+@pytest.mark.parametrize("granularity", ["scalar", "vector"])
+def test_m3oe_architecture_variables_and_explain(granularity, encoded):
+    from tests.models.conftest import take
+
+    schema, splits = encoded
+    model = build_model("m3oe", schema, {"arch_granularity": granularity})
+    arch = {v.path.split("/", 1)[1]: v for v in model.architecture_variables}
+    assert sorted(arch) == ["amplitude/alpha_domain", "amplitude/alpha_task", "domain_balance/beta",
+                            "task_balance/beta"]
+    size = {"scalar": (1, 1), "vector": (schema.num_domains, schema.num_tasks)}[granularity]
+    assert arch["amplitude/alpha_domain"].shape == (size[0],) and arch["task_balance/beta"].shape == (size[1],)
+    arch_ids = {id(v) for v in model.architecture_variables}
+    assert not any(id(v) in arch_ids for v in model.weight_variables)
+    assert len(model.weight_variables) + len(arch) == len(model.trainable_variables)
+
+    features, _ = take(*splits["test"], range(20))
+    details = model.explain(features)
+    gates = details["gates/shared"]
+    assert gates.shape == (20, schema.num_tasks, 4)
+    assert abs(gates.sum(-1) - 1).max() < 1e-5
+    assert abs(details["m3oe/amplitude/alpha_task"] - 0.7310586).max() < 1e-6  # sigmoid(1)
+
+
+def test_gate_logits_are_architecture_variables(encoded):
+    schema, _ = encoded
+    model = build_model("m3oe", schema, {"shared_gate": "logits"})
+    paths = [v.path for v in model.architecture_variables]
+    assert any("gate_logits" in p for p in paths) and len(paths) == 5
