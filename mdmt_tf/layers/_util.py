@@ -12,6 +12,21 @@ def register(cls):
     return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
 
 
+def clone_initializer(initializer, index: int):
+    """A fresh copy of `initializer` for the index-th weight of a layer.
+
+    A seeded Keras initializer returns the same values at every call, so one instance
+    shared by several weights would make same-shaped weights identical. Each weight gets
+    its own copy; an explicit integer seed is offset by `index`, an unseeded one draws a
+    new seed (deterministic under keras.utils.set_random_seed).
+    """
+    config = keras.initializers.serialize(initializer)
+    inner = dict(config.get("config") or {})
+    if isinstance(inner.get("seed"), int) and not isinstance(inner.get("seed"), bool):
+        inner["seed"] = inner["seed"] + 7919 * index
+    return keras.initializers.deserialize({**config, "config": inner})
+
+
 def check_positive_int(value, name: str, layer: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{layer}: `{name}` must be an integer >= {minimum}, received {name}={value!r}")

@@ -13,7 +13,8 @@ class FieldEmbedding(keras.layers.Layer):
 
     The per-field tables are stored as one concatenated table with per-field offsets, so
     a batch costs one gather whatever the number of fields. Id 0 of every field is its
-    OOV bucket (see mdmt_tf.preprocessing).
+    OOV bucket (see mdmt_tf.preprocessing). Ids must lie in [0, vocab_size): the
+    preprocessing front guarantees it; ids out of range are not checked here.
 
     Args:
       vocab_sizes: {field: number of ids including OOV}; the order is the output order.
@@ -32,8 +33,15 @@ class FieldEmbedding(keras.layers.Layer):
         self.vocab_sizes = {str(k): check_positive_int(v, f"vocab_sizes[{k!r}]", "FieldEmbedding")
                             for k, v in dict(vocab_sizes).items()}
         self.dim = check_positive_int(dim, "dim", "FieldEmbedding")
-        self.l2 = float(l2)
-        self.oov_rate = float(oov_rate)
+        if isinstance(oov_fields, str):
+            raise ValueError(f"FieldEmbedding: `oov_fields` must be a list of field names, received {oov_fields!r}")
+        try:
+            self.l2, self.oov_rate = float(l2), float(oov_rate)
+        except (TypeError, ValueError):
+            raise ValueError(f"FieldEmbedding: `l2` and `oov_rate` must be numbers, received l2={l2!r}, "
+                             f"oov_rate={oov_rate!r}") from None
+        if self.l2 < 0:
+            raise ValueError(f"FieldEmbedding: `l2` must be >= 0, received l2={l2!r}")
         if not 0.0 <= self.oov_rate < 1.0:
             raise ValueError(f"FieldEmbedding: `oov_rate` must be in [0, 1), received oov_rate={oov_rate!r}")
         unknown = [f for f in oov_fields if f not in self.vocab_sizes]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from mdmt_tf.layers._util import check_positive_int, check_units, register
+from mdmt_tf.layers._util import check_positive_int, check_units, clone_initializer, register
 from mdmt_tf.layers.initializers import GroupedGlorotUniform
 
 
@@ -37,9 +37,9 @@ class ExpertGroup(keras.layers.Layer):
         self.kernels, self.biases = [], []
         for i, width in enumerate(self.units):
             self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(self.num_experts, fan_in, width),
-                                                initializer=self.kernel_initializer))
+                                                initializer=clone_initializer(self.kernel_initializer, i)))
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=(self.num_experts, width),
-                                               initializer=self.bias_initializer))
+                                               initializer=clone_initializer(self.bias_initializer, i)))
             fan_in = width
 
     def call(self, x):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from mdmt_tf.layers._util import check_positive_int, check_units, register
+from mdmt_tf.layers._util import check_positive_int, check_units, clone_initializer, register
 
 
 def mix(weights, experts):
@@ -21,8 +21,8 @@ def mix(weights, experts):
 def aftb_mix(weights, experts, keep):
     """Like `mix`, but gradients flow only into experts where `keep` is 1.
 
-    keep: [G, E] or [B, G, E] of 0/1. The forward value equals mix(weights, experts); the
-    gradient w.r.t. expert e through gate g is zero where keep[g, e] == 0. Gradients
+    keep: [G, E] or [B, G, E] of 0/1. The forward value equals mix(weights, experts) up to
+    float rounding (it is the sum of two einsums); the gradient w.r.t. expert e through gate g is zero where keep[g, e] == 0. Gradients
     w.r.t. the weights flow through every expert.
     """
     weights = ops.cast(weights, experts.dtype)
@@ -53,11 +53,15 @@ class SoftmaxGate(keras.layers.Layer):
         self.stop_gradient_input = bool(stop_gradient_input)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.hidden = [keras.layers.Dense(u, activation="relu", kernel_initializer=self.kernel_initializer,
-                                          bias_initializer=self.bias_initializer, name=f"hidden_{i}")
+        self.hidden = [keras.layers.Dense(u, activation="relu",
+                                          kernel_initializer=clone_initializer(self.kernel_initializer, i),
+                                          bias_initializer=clone_initializer(self.bias_initializer, i),
+                                          name=f"hidden_{i}")
                        for i, u in enumerate(self.hidden_units)]
-        self.logits = keras.layers.Dense(self.num_gates * self.num_experts, kernel_initializer=self.kernel_initializer,
-                                         bias_initializer=self.bias_initializer, name="logits")
+        last = len(self.hidden_units)
+        self.logits = keras.layers.Dense(self.num_gates * self.num_experts,
+                                         kernel_initializer=clone_initializer(self.kernel_initializer, last),
+                                         bias_initializer=clone_initializer(self.bias_initializer, last), name="logits")
 
     def build(self, input_shape):
         shape = tuple(input_shape)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import keras
 
-from mdmt_tf.layers._util import check_units, register
+from mdmt_tf.layers._util import check_units, clone_initializer, register
 
 NORMS = (None, "layer", "batch")
 
@@ -37,8 +37,8 @@ class MLP(keras.layers.Layer):
         self.dense_layers, self.norm_layers = [], []
         for i, width in enumerate(self.units):
             self.dense_layers.append(keras.layers.Dense(
-                width, kernel_initializer=self.kernel_initializer, bias_initializer=self.bias_initializer,
-                name=f"dense_{i}"))
+                width, kernel_initializer=clone_initializer(self.kernel_initializer, i),
+                bias_initializer=clone_initializer(self.bias_initializer, i), name=f"dense_{i}"))
             last_linear = i == len(self.units) - 1 and not self.activate_last
             if norm == "layer" and not last_linear:
                 self.norm_layers.append(keras.layers.LayerNormalization(name=f"norm_{i}"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from mdmt_tf.layers._util import check_positive_int, check_units, register
+from mdmt_tf.layers._util import check_positive_int, check_units, clone_initializer, register
 from mdmt_tf.layers.initializers import GroupedGlorotUniform
 
 
@@ -24,10 +24,11 @@ class GateNU(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.hidden = keras.layers.Dense(self.hidden_units, activation="relu", name="hidden",
-                                         kernel_initializer=self.kernel_initializer,
-                                         bias_initializer=self.bias_initializer)
-        self.out = keras.layers.Dense(self.output_dim, name="out", kernel_initializer=self.kernel_initializer,
-                                      bias_initializer=self.bias_initializer)
+                                         kernel_initializer=clone_initializer(self.kernel_initializer, 0),
+                                         bias_initializer=clone_initializer(self.bias_initializer, 0))
+        self.out = keras.layers.Dense(self.output_dim, name="out",
+                                      kernel_initializer=clone_initializer(self.kernel_initializer, 1),
+                                      bias_initializer=clone_initializer(self.bias_initializer, 1))
 
     def build(self, input_shape):
         self.hidden.build(input_shape)
@@ -97,7 +98,7 @@ class PPNetTowers(keras.layers.Layer):
             gate.build((None, gate_in))
             self.gates.append(gate)
             self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(t, fan_in, width),
-                                                initializer=self.kernel_initializer))
+                                                initializer=clone_initializer(self.kernel_initializer, i)))
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=(t, width), initializer="zeros"))
             fan_in = width
 

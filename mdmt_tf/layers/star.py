@@ -20,6 +20,10 @@ class PartitionedNorm(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_domains = check_positive_int(num_domains, "num_domains", "PartitionedNorm")
         self.momentum, self.epsilon = float(momentum), float(epsilon)
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"PartitionedNorm: `momentum` must be in [0, 1), received momentum={momentum!r}")
+        if self.epsilon <= 0.0:
+            raise ValueError(f"PartitionedNorm: `epsilon` must be > 0, received epsilon={epsilon!r}")
 
     def build(self, input_shape):
         f, d = input_shape[-1], self.num_domains

@@ -4,7 +4,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from mdmt_tf.layers._util import check_positive_int, check_units, register, select_by_domain
+from mdmt_tf.layers._util import check_positive_int, check_units, clone_initializer, register, select_by_domain
 from mdmt_tf.layers.initializers import GroupedGlorotUniform
 
 
@@ -43,9 +43,9 @@ class Towers(keras.layers.Layer):
         self.kernels, self.biases = [], []
         for i, width in enumerate(self.units + (1,)):
             self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=lead + (fan_in, width),
-                                                initializer=self.kernel_initializer))
+                                                initializer=clone_initializer(self.kernel_initializer, i)))
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=lead + (width,),
-                                               initializer=self.bias_initializer))
+                                               initializer=clone_initializer(self.bias_initializer, i)))
             fan_in = width
 
     def call(self, x, domain=None):
