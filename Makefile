@@ -23,7 +23,7 @@ venv: setup
 	@echo $(VENV_BIN)
 
 run: setup
-	$(PY) -m mdmt_tf data describe --data synthetic
+	$(PY) -m mdmt_tf train --model m3oe --data synthetic --out $(RUN_DIR)
 
 test: setup
 	@PYTHONPATH=$(CURDIR) scripts/run_tests.sh $(VENV_BIN)/python $(PYTEST_ARGS)

@@ -70,3 +70,24 @@ def test_setup_py_installs_the_mdmt_console_script(tmp_path):
     out = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env,
                          cwd=tmp_path)
     assert out.returncode == 0 and "pipeline" in out.stdout, out.stderr
+
+
+@pytest.mark.slow
+def test_train_then_evaluate_reproduces_the_test_metrics(tmp_path):
+    import json
+
+    out = tmp_path / "run"
+    proc = run_cli("train", "--model", "mmoe", "--data", "synthetic:3000", "--out", str(out), "--epochs", "1",
+                   "--batch-size", "256", "--param", "expert_units=[16, 8]", "--param", "embedding_dim=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mmoe test: mean over (domain, task) pairs" in proc.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    proc = run_cli("evaluate", "--model-dir", str(out / "model"), "--data", "synthetic:3000",
+                   "--out", str(tmp_path / "eval.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads((tmp_path / "eval.json").read_text())["test"]
+    for key, value in metrics["test"]["auc"].items():
+        assert evaluated["auc"][key] == pytest.approx(value, abs=1e-6)
+    bad = run_cli("train", "--model", "mmoe", "--data", "synthetic:3000", "--out", str(tmp_path / "x"),
+                  "--param", "num_experts=zero")
+    assert bad.returncode == 2 and "mdmt: error: mmoe: hyper-parameter num_experts='zero' must be an integer" in bad.stderr

@@ -81,6 +81,40 @@ def random_split(table: pd.DataFrame, seed: int, source: str,
     return {split: table.iloc[np.sort(idx)].reset_index(drop=True) for split, idx in parts.items()}
 
 
+def temporal_split(table: pd.DataFrame, column: str, source: str,
+                   fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, pd.DataFrame]:
+    """Split by time: the earliest 80 % of rows (by `column`) train, the next 10 % val,
+    the latest 10 % test. Ties keep file order. Users and items first seen late are then
+    cold-start in val / test, as in production."""
+    if column not in table.columns:
+        present = [c for c in table.columns if c != ROW]
+        raise DataError(f"temporal split column {column!r} is not in the data (columns: {present})", source=source)
+    keys = pd.to_numeric(table[column], errors="coerce")
+    if keys.isna().any():
+        bad = int(np.flatnonzero(keys.isna().to_numpy())[0])
+        raise DataError(f"value {table[column].iloc[bad]!r} is not a number; a temporal split needs numeric "
+                        "times", source=source, row=int(table[ROW].iloc[bad]), column=column)
+    order = np.argsort(keys.to_numpy(), kind="mergesort")
+    n = len(order)
+    n_train, n_val = int(round(fractions[0] * n)), int(round(fractions[1] * n))
+    parts = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+    for split, idx in parts.items():
+        if len(idx) == 0:
+            raise DataError(f"has {n} data rows, too few for a temporal split: the {split} split would be empty",
+                            source=source)
+    return {split: table.iloc[idx].reset_index(drop=True) for split, idx in parts.items()}
+
+
+def split_table(table: pd.DataFrame, split: str, seed: int, source: str) -> dict[str, pd.DataFrame]:
+    """split: "random" (seeded 80/10/10) or "temporal:COLUMN"."""
+    if split == "random":
+        return random_split(table, seed, source)
+    kind, _, column = split.partition(":")
+    if kind == "temporal" and column:
+        return temporal_split(table, column, source)
+    raise DataError(f"unknown split {split!r}; use 'random' or 'temporal:COLUMN'", source=source)
+
+
 # ----------------------------------------------------------------------------- CSV
 def read_csv_file(path: Path, spec: DatasetSpec) -> pd.DataFrame:
     """One CSV file -> typed table (see mdmt_tf.data.table)."""
@@ -98,15 +132,26 @@ def read_csv_file(path: Path, spec: DatasetSpec) -> pd.DataFrame:
     return coerce_table(raw, spec, source=str(path), header_row=1)
 
 
-def read_csv(path: str | Path, spec: DatasetSpec, seed: int = 0) -> Splits:
+def _check_directory_split(path: Path, split: str) -> None:
+    if split != "random":
+        raise DataError(f"holds train/val/test files, which are used as given; --split {split} applies to a "
+                        "single file", source=str(path))
+
+
+def _single_file_sources(path: Path, split: str) -> dict[str, str]:
+    how = "a seeded 80/10/10 split" if split == "random" else f"a {split} split"
+    return {s: f"{path} ({s} part of {how})" for s in SPLITS}
+
+
+def read_csv(path: str | Path, spec: DatasetSpec, seed: int = 0, split: str = "random") -> Splits:
     path = Path(path)
     if path.is_dir():
+        _check_directory_split(path, split)
         files = _split_files(path, CSV_SUFFIXES, "CSV")
-        tables = {split: read_csv_file(f, spec) for split, f in files.items()}
+        tables = {s: read_csv_file(f, spec) for s, f in files.items()}
         return Splits(**tables, sources={s: str(f) for s, f in files.items()})
-    table = read_csv_file(path, spec)
-    parts = random_split(table, seed, str(path))
-    return Splits(**parts, sources={s: f"{path} ({s} part of a seeded 80/10/10 split)" for s in SPLITS})
+    parts = split_table(read_csv_file(path, spec), split, seed, str(path))
+    return Splits(**parts, sources=_single_file_sources(path, split))
 
 
 def write_csv(table: pd.DataFrame, path: str | Path) -> None:
@@ -172,15 +217,15 @@ def read_tfrecord_file(path: Path, spec: DatasetSpec) -> pd.DataFrame:
     return coerce_table(table, spec, source=str(path), header_row=None)
 
 
-def read_tfrecord(path: str | Path, spec: DatasetSpec, seed: int = 0) -> Splits:
+def read_tfrecord(path: str | Path, spec: DatasetSpec, seed: int = 0, split: str = "random") -> Splits:
     path = Path(path)
     if path.is_dir():
+        _check_directory_split(path, split)
         files = _split_files(path, TFRECORD_SUFFIXES, "TFRecord")
-        tables = {split: read_tfrecord_file(f, spec) for split, f in files.items()}
+        tables = {s: read_tfrecord_file(f, spec) for s, f in files.items()}
         return Splits(**tables, sources={s: str(f) for s, f in files.items()})
-    table = read_tfrecord_file(path, spec)
-    parts = random_split(table, seed, str(path))
-    return Splits(**parts, sources={s: f"{path} ({s} part of a seeded 80/10/10 split)" for s in SPLITS})
+    parts = split_table(read_tfrecord_file(path, spec), split, seed, str(path))
+    return Splits(**parts, sources=_single_file_sources(path, split))
 
 
 def example_bytes(table: pd.DataFrame, spec: DatasetSpec, with_labels: bool = True) -> list[bytes]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mdmt_tf.data.readers import (CSV_SUFFIXES, TFRECORD_SUFFIXES, Splits, random_split, read_csv,
-                                  read_tfrecord)
+from mdmt_tf.data.readers import (CSV_SUFFIXES, TFRECORD_SUFFIXES, Splits, read_csv, read_tfrecord,
+                                  split_table)
 from mdmt_tf.errors import ConfigError, DataError
 from mdmt_tf.spec import DatasetSpec
 
@@ -53,7 +53,9 @@ def resolve_spec(path: Path, spec_path: str | Path | None) -> DatasetSpec:
                       f"or put a spec.yaml next to the data")
 
 
-def load_source(text: str, spec_path: str | Path | None = None, split_seed: int = 0) -> tuple[DatasetSpec, Splits]:
+def load_source(text: str, spec_path: str | Path | None = None, split_seed: int = 0,
+                split: str = "random") -> tuple[DatasetSpec, Splits]:
+    """split: "random" (seeded 80/10/10) or "temporal:COLUMN", for sources that are one table."""
     kind, rest = parse_source(text)
     if kind == "synthetic":
         from mdmt_tf.data.synthetic import SyntheticConfig, generate, synthetic_spec
@@ -64,17 +66,17 @@ def load_source(text: str, spec_path: str | Path | None = None, split_seed: int 
             raise ConfigError(f"--data synthetic:ROWS needs an integer row count, got {rest!r}") from None
         if spec_path is not None:
             raise ConfigError("--spec does not apply to --data synthetic (its spec is built in)")
-        parts = random_split(generate(config), split_seed, source="synthetic")
+        parts = split_table(generate(config), split, split_seed, source="synthetic")
         return synthetic_spec(config), Splits(**parts, sources={s: f"synthetic ({s})" for s in parts})
     if kind == "ml100k":
         from mdmt_tf.data.movielens import ML100K_SPEC, load_ml100k
 
         table = load_ml100k(rest)
-        parts = random_split(table, split_seed, source=rest)
+        parts = split_table(table, split, split_seed, source=rest)
         return ML100K_SPEC, Splits(**parts, sources={s: f"{rest} (ml100k, {s})" for s in parts})
     path = Path(rest)
     if not path.exists():
         raise DataError("does not exist", source=str(path))
     spec = resolve_spec(path, spec_path)
     reader = read_csv if kind == "csv" else read_tfrecord
-    return spec, reader(path, spec, seed=split_seed)
+    return spec, reader(path, spec, seed=split_seed, split=split)

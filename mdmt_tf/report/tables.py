@@ -38,3 +38,24 @@ def data_summary(spec, splits) -> str:
             rows.append([split, domain, len(part)] + [float(part[t].mean()) for t in spec.tasks])
         rows.append([split, "(all)", len(table)] + [float(table[t].mean()) for t in spec.tasks])
     return markdown_table(headers, rows)
+
+
+def auc_table(result: dict, domains, tasks, title: str = "AUC") -> str:
+    """Per-domain x per-task AUC (and logloss) table of an evaluation result."""
+    headers = ["domain"] + [f"{t} AUC" for t in tasks] + [f"{t} logloss" for t in tasks] + ["rows"]
+    rows = []
+    for d in domains:
+        row = [d] + [_fmt(result["auc"].get(f"{d}/{t}")) for t in tasks]
+        row += [_fmt(result["logloss"].get(f"{d}/{t}")) for t in tasks]
+        row.append(result.get("count", {}).get(f"{d}/{tasks[0]}", ""))
+        rows.append(row)
+    if "task_auc" in result:
+        rows.append(["(pooled)"] + [_fmt(result["task_auc"][t]) for t in tasks]
+                    + [_fmt(result["task_logloss"][t]) for t in tasks] + [""])
+    table = markdown_table(headers, rows)
+    return (f"{title}: mean over (domain, task) pairs {_fmt(result['mean_auc'])}, "
+            f"sample-weighted {_fmt(result.get('weighted_auc'))}, mean logloss {_fmt(result['mean_logloss'])}\n{table}")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -186,3 +186,27 @@ def test_missing_sparse_value_falls_back_to_empty_string(tmp_path, small_synthet
     spec, _ = small_synthetic
     f = _write(tmp_path / "x.csv", HEADER + "0,,i1,F,occ1,z001,c01,30,1,0\n")
     assert read_csv_file(f, spec)["user_id"].iloc[0] == ""  # maps to the OOV bucket, id 0
+
+
+def test_temporal_split_orders_by_time(tmp_path, small_synthetic):
+    from mdmt_tf.data.readers import split_table
+
+    spec, table = small_synthetic
+    table = table.copy()
+    table["ts"] = np.random.default_rng(0).permutation(len(table)) * 10
+    parts = split_table(table, "temporal:ts", 0, "x")
+    assert [len(parts[s]) for s in ("train", "val", "test")] == [2400, 300, 300]
+    assert parts["train"]["ts"].max() < parts["val"]["ts"].min() <= parts["val"]["ts"].max() < parts["test"]["ts"].min()
+    with pytest.raises(DataError, match="temporal split column 'when' is not in the data"):
+        split_table(table, "temporal:when", 0, "x")
+    with pytest.raises(DataError, match="unknown split 'weekly'"):
+        split_table(table, "weekly", 0, "x")
+    write_csv(table, tmp_path / "all.csv")
+    csv_parts = read_csv(tmp_path / "all.csv", spec, split="temporal:ts")
+    assert csv_parts.test["ts"].astype(int).min() > csv_parts.train["ts"].astype(int).max()
+
+
+def test_directory_split_rejects_a_split_option(csv_dir, small_synthetic):
+    spec, _ = small_synthetic
+    with pytest.raises(DataError, match="used as given"):
+        read_csv(csv_dir, spec, split="temporal:ts")

@@ -1,0 +1,150 @@
+"""`mdmt train` and `mdmt evaluate`."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+from mdmt_tf.cli.data import add_data_flags
+from mdmt_tf.errors import ConfigError
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict:
+    """['a=1', 'b=[2, 3]'] -> {'a': 1, 'b': [2, 3]} (values parsed as YAML)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def model_config_from_args(args):
+    """--model NAME, --hparams FILE (a model config or a flat dict of hyper-parameters,
+    e.g. a tuner's best), --param KEY=VALUE overrides."""
+    from mdmt_tf.models import ModelConfig
+
+    name, params = args.model, {}
+    if args.hparams:
+        path = Path(args.hparams)
+        if not path.exists():
+            raise ConfigError(f"--hparams file {path} does not exist")
+        try:
+            loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (json.JSONDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"--hparams {path}: cannot parse: {err}") from None
+        if isinstance(loaded, dict) and "name" in loaded:
+            if name and name != loaded["name"]:
+                raise ConfigError(f"--model {name} contradicts --hparams {path} (model {loaded['name']!r})")
+            name, params = loaded["name"], dict(loaded.get("params") or {})
+        elif isinstance(loaded, dict):
+            params = dict(loaded.get("params", loaded))
+        else:
+            raise ConfigError(f"--hparams {path} must hold a mapping of hyper-parameters")
+    if not name:
+        raise ConfigError("--model NAME is required (or a --hparams file that names the model)")
+    params.update(_key_values(args.param, "--param"))
+    return ModelConfig(name, params)
+
+
+def train_config_from_args(args):
+    from mdmt_tf.training.fit import MAMDRConfig, TrainConfig
+
+    weights = {k: float(v) for k, v in _key_values(args.task_weight, "--task-weight").items()}
+    mamdr = MAMDRConfig(inner_lr=args.mamdr_inner_lr, outer_lr=args.mamdr_outer_lr, dr_lr=args.mamdr_dr_lr,
+                        k=args.mamdr_k, inner_steps=args.mamdr_inner_steps,
+                        inner_optimizer=args.mamdr_inner_optimizer, scope=args.mamdr_scope)
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                       arch_learning_rate=args.arch_lr, arch_mode=args.arch_mode, arch_period=args.arch_period,
+                       arch_data=args.arch_data, patience=args.patience, seed=args.seed,
+                       task_weights=tuple(sorted(weights.items())), loss_reduction=args.loss_reduction,
+                       strategy=args.strategy, mamdr=mamdr, mixed_precision=args.mixed_precision,
+                       jit_compile=args.jit, min_count=args.min_count)
+
+
+def load_data(args):
+    from mdmt_tf.data.dataset import MDMTData
+    from mdmt_tf.data.sources import load_source
+
+    spec, splits = load_source(args.data, args.spec, split_seed=args.split_seed, split=args.split)
+    return MDMTData.build(spec, splits, min_count=getattr(args, "min_count", 1))
+
+
+def cmd_train(args) -> int:
+    from mdmt_tf.report.tables import auc_table
+    from mdmt_tf.training.fit import train
+
+    model_config = model_config_from_args(args)
+    config = train_config_from_args(args)
+    data = load_data(args)
+    source = f"{args.data} split={args.split} split_seed={args.split_seed}"
+    payload = train(model_config, data, config, args.out, source=source)
+    domains, tasks = payload["data"]["domains"], payload["data"]["tasks"]
+    print()
+    print(auc_table(payload["test"], domains, tasks, title=f"{model_config.name} test"))
+    speed = payload["train_examples_per_second"]
+    print(f"\ntrained {payload['epochs_trained']} epochs (best {payload['best_epoch']}) in "
+          f"{payload['train_seconds']:.1f} s, {speed:.0f} examples/s" if speed else "")
+    print(f"wrote {args.out}/metrics.json, {args.out}/plots/, {args.out}/model/ (SavedModel)")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from mdmt_tf.report.tables import auc_table
+    from mdmt_tf.training.serving_eval import evaluate_savedmodel
+
+    result, domains, tasks = evaluate_savedmodel(args.model_dir, args.data, args.spec, split_seed=args.split_seed,
+                                                 split=args.split, which=args.which)
+    print(auc_table(result, domains, tasks, title=f"{args.which} ({args.model_dir})"))
+    if args.out:
+        from mdmt_tf.report.metrics import write_metrics
+
+        write_metrics(args.out, {args.which: result})
+        print(f"wrote {args.out}")
+    return 0
+
+
+def add_parsers(verbs) -> None:
+    p = verbs.add_parser("train", help="train one model; write metrics.json, plots and a SavedModel",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model name (m3oe, m3oe_aftb, stem, mlp, shared_bottom, mmoe, "
+                                                 "ple, star, pepnet, esmm)")
+    add_data_flags(p)
+    p.add_argument("--out", required=True, help="run directory; rerunning with the same one resumes")
+    p.add_argument("--hparams", default=None, help="YAML/JSON model hyper-parameters (e.g. a tuner's best)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="override one hyper-parameter")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
+    p.add_argument("--lr", type=float, default=1e-3, help="weight learning rate (Adam)")
+    p.add_argument("--arch-mode", default="bilevel", choices=("bilevel", "joint", "fixed", "authors"))
+    p.add_argument("--arch-lr", type=float, default=3e-3, help="architecture learning rate (Adam)")
+    p.add_argument("--arch-period", type=int, default=1, help="an architecture step every N weight steps")
+    p.add_argument("--arch-data", default="val", help="held-out stream: 'val' or 'holdout:FRACTION' of training")
+    p.add_argument("--patience", type=int, default=3, help="epochs without val_mean_auc gain before stopping")
+    p.add_argument("--task-weight", action="append", metavar="TASK=W", help="loss weight of a task (default 1)")
+    p.add_argument("--loss-reduction", default="pair", choices=("pair", "sample"),
+                   help="'pair': mean per (domain, task) then summed; 'sample': mean over the batch per task")
+    p.add_argument("--strategy", default="plain", choices=("plain", "dn", "dr", "mamdr"),
+                   help="MAMDR: domain negotiation (dn), domain regularization (dr), both (mamdr)")
+    p.add_argument("--mamdr-k", type=int, default=2)
+    p.add_argument("--mamdr-inner-lr", type=float, default=1e-3)
+    p.add_argument("--mamdr-outer-lr", type=float, default=0.5)
+    p.add_argument("--mamdr-dr-lr", type=float, default=0.5)
+    p.add_argument("--mamdr-inner-steps", type=int, default=1)
+    p.add_argument("--mamdr-inner-optimizer", default="adam", choices=("adam", "sgd"))
+    p.add_argument("--mamdr-scope", default="dense", choices=("dense", "all"))
+    p.add_argument("--min-count", type=int, default=1, help="ids seen fewer times in training go to the OOV bucket")
+    p.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16 compute (AVX-512 BF16)")
+    p.add_argument("--jit", action="store_true", help="XLA-compile the training steps")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("evaluate", help="recompute test metrics from a SavedModel")
+    p.add_argument("--model-dir", required=True, help="a SavedModel written by mdmt train (DIR/model)")
+    add_data_flags(p)
+    p.add_argument("--which", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", default=None, help="also write the metrics as JSON")
+    p.set_defaults(func=cmd_evaluate)

@@ -1,0 +1,1 @@
+"""SavedModel export shared by mdmt train and the pipeline's Trainer."""

@@ -1,0 +1,64 @@
+"""metrics.json: the contract of a training run's results.
+
+    {"model": name,
+     "val":  {"auc": {"<domain>/<task>": float}, "logloss": {...}, "mean_auc": float,
+              "mean_logloss": float, ...more keys: weighted_*, task_*, domain_*, count},
+     "test": {same},
+     "arch": {"alpha": {"domain": ..., "task": ...} | null, "beta": {...} | null},
+     "train_seconds": float, "train_examples_per_second": float, ...}
+
+<domain> is the domain value as it appears in the data. alpha / beta values are
+sigmoid(raw), i.e. the weights the fusion actually applies: a float when the variable is a
+scalar, else {domain or task: float}.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def _clean(value):
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        value = float(value)
+        return None if math.isnan(value) else value
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    return value
+
+
+def arch_summary(values: dict, domains, tasks) -> dict:
+    """{path: sigmoid values} of architecture_values() -> {"alpha": ..., "beta": ..., "gate_logits": ...}."""
+    out = {"alpha": None, "beta": None}
+
+    def named(array, names):
+        array = np.asarray(array).ravel()
+        return float(array[0]) if array.size == 1 else {n: float(v) for n, v in zip(names, array)}
+
+    for path, value in values.items():
+        leaf, layer = path.split("/")[-1], path.split("/")[-2]
+        if leaf.startswith("alpha_"):
+            side = leaf[len("alpha_"):]
+            out["alpha"] = out["alpha"] or {}
+            out["alpha"][side] = named(value, domains if side == "domain" else tasks)
+        elif leaf == "beta":
+            side = "domain" if layer.startswith("domain") else "task"
+            out["beta"] = out["beta"] or {}
+            out["beta"][side] = named(value, domains if side == "domain" else tasks)
+        elif leaf == "gate_logits":
+            out.setdefault("gate_logits", {})[layer] = np.asarray(value).tolist()
+    return out
+
+
+def write_metrics(path: str | Path, payload: dict) -> dict:
+    payload = _clean(payload)
+    Path(path).write_text(json.dumps(payload, indent=1))
+    return payload

@@ -1,0 +1,107 @@
+"""PNG plots of a training run (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def auc_heatmap(result: dict, domains, tasks, path: Path, title: str = "test AUC") -> Path:
+    grid = np.array([[np.nan if result["auc"].get(f"{d}/{t}") is None else result["auc"][f"{d}/{t}"]
+                      for t in tasks] for d in domains], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(tasks), 1.2 + 0.6 * len(domains)))
+    finite = grid[np.isfinite(grid)]
+    vmin, vmax = (finite.min() - 0.01, finite.max() + 0.01) if finite.size else (0.5, 1.0)
+    image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+    for i in range(len(domains)):
+        for j in range(len(tasks)):
+            text = "n/a" if np.isnan(grid[i, j]) else f"{grid[i, j]:.4f}"
+            ax.text(j, i, text, ha="center", va="center", color="white", fontsize=10)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(len(domains)), domains)
+    ax.set_xlabel("task")
+    ax.set_ylabel("domain")
+    ax.set_title(f"{title} (mean {result['mean_auc']:.4f})" if result.get("mean_auc") else title)
+    fig.colorbar(image, ax=ax)
+    return _save(fig, path)
+
+
+def training_curves(history: list[dict], path: Path) -> Path:
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, style in (("loss", "-o"), ("arch_loss", "--s")):
+        values = [h.get(key) for h in history]
+        if any(v for v in values):
+            axes[0].plot(epochs, [np.nan if v is None else v for v in values], style, label=key)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("training loss (sum over domain, task pairs)")
+    axes[0].legend()
+    for key in ("val_mean_auc", "val_weighted_auc"):
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            axes[1].plot(epochs, [np.nan if v is None else v for v in values], "-o", label=key)
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("validation AUC")
+    axes[1].legend()
+    fig.suptitle("training curves")
+    return _save(fig, path)
+
+
+def arch_trajectories(points: list[dict], path: Path) -> Path | None:
+    """alpha / beta (sigmoid) over training steps; one line per scalar or vector entry."""
+    keys = [k for k in (points[0] if points else {}) if k not in ("step", "epoch") and "gate_logits" not in k]
+    if not keys:
+        return None
+    steps = [p["step"] for p in points]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for key in keys:
+        values = np.array([np.ravel(p[key]) for p in points])
+        label = "/".join(key.split("/")[-2:])
+        for i in range(values.shape[1]):
+            ax.plot(steps, values[:, i], label=label if values.shape[1] == 1 else f"{label}[{i}]")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("sigmoid(value)")
+    ax.set_title("architecture weights during training (alpha: amplitude, beta: balance)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def gate_utilisation(gates: dict, domain: np.ndarray, domains, tasks, path: Path) -> Path | None:
+    """Mean gate weight per expert, per domain, one panel per gate set and task."""
+    panels = [(name, weights) for name, weights in gates.items() if np.ndim(weights) == 3]
+    if not panels:
+        return None
+    n = sum(w.shape[1] for _, w in panels)
+    fig, axes = plt.subplots(1, n, figsize=(4 * n, 3.2), squeeze=False)
+    k = 0
+    for name, weights in panels:
+        for t in range(weights.shape[1]):
+            ax = axes[0, k]
+            k += 1
+            grid = np.array([weights[domain == i, t].mean(axis=0) if (domain == i).any()
+                             else np.full(weights.shape[2], np.nan) for i in range(len(domains))])
+            top = max(float(np.nanmax(grid)), 1e-6)
+            ax.imshow(grid, cmap="magma", vmin=0, vmax=top, aspect="auto")
+            for i in range(grid.shape[0]):
+                for j in range(grid.shape[1]):
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="black" if grid[i, j] > 0.6 * top else "white")
+            ax.set_xticks(range(grid.shape[1]))
+            ax.set_yticks(range(len(domains)), domains)
+            ax.set_xlabel("expert")
+            ax.set_title(f"{name.split('/')[-1]} gate, task {tasks[t] if t < len(tasks) else t}", fontsize=9)
+    fig.suptitle("gate utilisation per domain (mean weight on each expert)")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

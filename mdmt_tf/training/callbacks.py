@@ -1,0 +1,149 @@
+"""Callbacks of `mdmt train`: exact validation metrics, architecture trajectories, and
+early stopping that survives an interruption (checkpoints and state on disk)."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from mdmt_tf.training.evaluation import evaluate
+
+
+class ValidationMetrics(keras.callbacks.Callback):
+    """At each epoch end, score the whole validation split and put `val_mean_auc`,
+    `val_mean_logloss` and `val_weighted_auc` into the logs (so early stopping,
+    TensorBoard, Keras Tuner and the history see them); `results` keeps every epoch's
+    full evaluation (per-pair AUC and logloss)."""
+
+    def __init__(self, predict, features, labels, domain, domains, tasks):
+        super().__init__()
+        self.predict, self.features, self.labels = predict, features, labels
+        self.domain, self.domains, self.tasks = domain, list(domains), list(tasks)
+        self.results: list[dict] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        result = evaluate(self.predict(self.features), self.labels, self.domain, self.domains, self.tasks)
+        self.results.append(result)
+        if logs is not None:
+            logs["val_mean_auc"] = _log_value(result["mean_auc"])
+            logs["val_mean_logloss"] = _log_value(result["mean_logloss"])
+            logs["val_weighted_auc"] = _log_value(result["weighted_auc"])
+
+
+class ArchitectureTrajectory(keras.callbacks.Callback):
+    """Records the model's architecture values (sigmoid(alpha), sigmoid(beta), gate
+    logits) at the start and after every `every_steps` training steps and every epoch."""
+
+    def __init__(self, model_fn, every_steps: int = 50):
+        super().__init__()
+        self.model_fn, self.every_steps = model_fn, max(1, int(every_steps))
+        self.points: list[dict] = []  # {"step", "epoch", values...}
+        self._step = 0
+        self._epoch = 0
+
+    def _record(self):
+        values = {k: np.asarray(v).tolist() for k, v in self.model_fn().architecture_values().items()}
+        if values:
+            self.points.append({"step": self._step, "epoch": self._epoch, **values})
+
+    def on_train_begin(self, logs=None):
+        if not self.points:
+            self._record()
+        else:
+            self._step = self.points[-1]["step"]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._step += 1
+        if self._step % self.every_steps == 0:
+            self._record()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._epoch = epoch + 1
+        if not self.points or self.points[-1]["step"] != self._step:
+            self._record()
+
+
+class ResumableEarlyStopping(keras.callbacks.Callback):
+    """Early stopping on a monitored value (max) with best-weights restore, plus the
+    per-epoch checkpoint that lets an interrupted run resume.
+
+    Each epoch end: write `checkpoints/last` (everything `checkpoint` tracks: model,
+    optimizers, step counters), `checkpoints/best` when the monitor improves, and
+    `checkpoints/state.json` (epoch, best value, patience counter, history). At train end
+    the best checkpoint's weights are restored.
+    """
+
+    def __init__(self, directory: Path, checkpoint, monitor: str = "val_mean_auc", patience: int = 3,
+                 extra_state=None):
+        super().__init__()
+        import tensorflow as tf
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.checkpoint = checkpoint
+        self.last = tf.train.CheckpointManager(checkpoint, str(self.directory / "last"), max_to_keep=1)
+        self.best_manager = tf.train.CheckpointManager(checkpoint, str(self.directory / "best"), max_to_keep=1)
+        self.monitor, self.patience = monitor, int(patience)
+        self.extra_state = extra_state or (lambda: {})
+        self.state = {"epoch": 0, "best": None, "best_epoch": None, "wait": 0, "history": [], "stopped_early": False}
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / "state.json"
+
+    def resume(self) -> dict | None:
+        """Restore the last checkpoint and state if there is one; returns the state."""
+        if not self.state_file.exists() or self.last.latest_checkpoint is None:
+            return None
+        self.state = json.loads(self.state_file.read_text())
+        self.checkpoint.restore(self.last.latest_checkpoint).assert_existing_objects_matched()
+        return self.state
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        value = logs.get(self.monitor)
+        self.state["history"].append({"epoch": epoch + 1, **{k: _number(v) for k, v in logs.items()}})
+        improved = value is not None and not math.isnan(value) and (
+            self.state["best"] is None or value > self.state["best"])
+        if improved:
+            self.state.update(best=float(value), best_epoch=epoch + 1, wait=0)
+            self.best_manager.save(checkpoint_number=epoch + 1)
+        else:
+            self.state["wait"] += 1
+        self.state["epoch"] = epoch + 1
+        self.last.save(checkpoint_number=epoch + 1)
+        self._write_state()
+        if self.state["wait"] >= self.patience:
+            self.state["stopped_early"] = True
+            self._write_state()
+            self.model.stop_training = True
+
+    def _write_state(self):
+        self.state.update(self.extra_state())
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.state_file)
+
+    def restore_best(self) -> int | None:
+        """Load the best checkpoint (if any); returns its epoch."""
+        if self.best_manager.latest_checkpoint is None:
+            return None
+        self.checkpoint.restore(self.best_manager.latest_checkpoint).expect_partial()
+        return self.state["best_epoch"]
+
+
+def _log_value(value) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _number(value):
+    if value is None:
+        return None
+    value = float(np.asarray(value))
+    return None if math.isnan(value) else value

@@ -1,0 +1,355 @@
+"""Training orchestration behind `mdmt train`: data -> front -> model -> trainer -> fit ->
+best weights -> evaluation -> SavedModel -> metrics.json and plots.
+
+A run directory holds:
+  run_config.json   model, training and data configuration (a rerun must match it)
+  checkpoints/      last + best checkpoints and state.json: rerunning resumes from them
+  logs/             TensorBoard
+  model/            the SavedModel (serving_default, predict_raw)
+  metrics.json      see mdmt_tf.report.metrics
+  plots/            auc_heatmap.png, training_curves.png, arch_trajectories.png,
+                    gate_utilisation.png
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mdmt_tf.data.dataset import MDMTData, make_dataset
+from mdmt_tf.errors import ConfigError
+from mdmt_tf.models import FeatureSchema, ModelConfig, build_model
+from mdmt_tf.preprocessing import FeatureFront, encode
+from mdmt_tf.training.callbacks import ArchitectureTrajectory, ResumableEarlyStopping, ValidationMetrics
+from mdmt_tf.training.evaluation import evaluate
+from mdmt_tf.training.losses import REDUCTIONS
+from mdmt_tf.training.mamdr import INNER_OPTIMIZERS, SCOPES, MAMDRTrainer
+from mdmt_tf.training.trainer import ARCH_MODES, MDMTTrainer
+
+STRATEGIES = ("plain", "dn", "dr", "mamdr")
+
+
+@dataclasses.dataclass(frozen=True)
+class MAMDRConfig:
+    inner_lr: float = 1e-3      # alpha: DN inner steps and DR steps
+    outer_lr: float = 0.5       # beta: DN's Reptile step
+    dr_lr: float = 0.5          # gamma: DR's interpolation
+    k: int = 2                  # other domains sampled per domain in DR
+    inner_steps: int = 1        # DN steps per domain per outer iteration
+    inner_optimizer: str = "adam"  # "sgd" is the paper's algorithm verbatim
+    scope: str = "dense"        # domain-specific copies of "dense" weights or "all"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 2048
+    learning_rate: float = 1e-3
+    arch_learning_rate: float = 3e-3
+    arch_mode: str = "bilevel"
+    arch_period: int = 1
+    arch_data: str = "val"      # "val" or "holdout:FRACTION" (a slice of training held out of weight steps)
+    patience: int = 3
+    seed: int = 0
+    task_weights: tuple[tuple[str, float], ...] = ()
+    loss_reduction: str = "pair"
+    strategy: str = "plain"
+    mamdr: MAMDRConfig = MAMDRConfig()
+    mixed_precision: bool = False
+    jit_compile: bool = False
+    min_count: int = 1
+    eval_batch_size: int = 8192
+
+    def __post_init__(self):
+        checks = [
+            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}"),
+            (self.learning_rate > 0 and self.arch_learning_rate >= 0, "learning rates must be positive"),
+            (self.arch_mode in ARCH_MODES, f"arch mode must be one of {list(ARCH_MODES)}, got {self.arch_mode!r}"),
+            (self.arch_period >= 1, f"arch period must be >= 1, got {self.arch_period}"),
+            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (self.strategy in STRATEGIES, f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}"),
+            (self.loss_reduction in REDUCTIONS, f"loss reduction must be one of {list(REDUCTIONS)}"),
+            (self.mamdr.inner_optimizer in INNER_OPTIMIZERS, f"MAMDR inner optimizer must be one of {INNER_OPTIMIZERS}"),
+            (self.mamdr.scope in SCOPES, f"MAMDR scope must be one of {list(SCOPES)}"),
+            (self.min_count >= 1, f"min count must be >= 1, got {self.min_count}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        self.holdout_fraction()
+
+    def holdout_fraction(self) -> float | None:
+        if self.arch_data == "val":
+            return None
+        kind, _, value = self.arch_data.partition(":")
+        try:
+            fraction = float(value)
+        except ValueError:
+            fraction = -1.0
+        if kind != "holdout" or not 0 < fraction < 1:
+            raise ConfigError(f"arch data must be 'val' or 'holdout:FRACTION' with 0 < FRACTION < 1, "
+                              f"got {self.arch_data!r}")
+        return fraction
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["task_weights"] = dict(self.task_weights)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        data = dict(data)
+        data["task_weights"] = tuple(sorted((data.get("task_weights") or {}).items()))
+        data["mamdr"] = MAMDRConfig(**(data.get("mamdr") or {}))
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class EncodedData:
+    """The splits as model inputs (ids / scaled floats), labels and domain indices."""
+
+    spec: Any
+    vocab: Any
+    front: FeatureFront
+    schema: FeatureSchema
+    features: dict
+    labels: dict
+    domain: dict
+
+    @classmethod
+    def from_data(cls, data: MDMTData) -> "EncodedData":
+        front = FeatureFront.from_data(data.spec, data.vocab)
+        features = {s: encode(front, data.raw_features(s)) for s in ("train", "val", "test")}
+        labels = {s: data.labels(s) for s in ("train", "val", "test")}
+        domain = {s: features[s][data.spec.domain] for s in ("train", "val", "test")}
+        return cls(data.spec, data.vocab, front, FeatureSchema.from_data(data.spec, data.vocab), features, labels,
+                   domain)
+
+    def rows(self, split: str) -> int:
+        return len(self.domain[split])
+
+
+def _diff(old, new, prefix=""):
+    """(dotted key, old, new) for every leaf that differs between two JSON-like dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            yield from _diff(old.get(key), new.get(key), f"{prefix}{key}.")
+    elif old != new:
+        yield prefix.rstrip("."), old, new
+
+
+def _take(arrays: dict, index: np.ndarray) -> dict:
+    return {k: v[index] for k, v in arrays.items()}
+
+
+class _Timer(keras.callbacks.Callback):
+    """Wall time and examples of the training steps (validation excluded)."""
+
+    def __init__(self, examples_per_step: int, seconds: float = 0.0, examples: int = 0):
+        super().__init__()
+        self.examples_per_step, self.seconds, self.examples = examples_per_step, seconds, examples
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds += time.perf_counter() - self._start
+        self.examples += self._steps * self.examples_per_step
+
+
+def predictor(model, batch_size: int):
+    """numpy features -> {task: probabilities [N]} in batches, in a tf.function."""
+    call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
+
+    def predict(features: dict) -> dict:
+        n = len(next(iter(features.values())))
+        parts: dict[str, list] = {}
+        for start in range(0, n, batch_size):
+            out = call({k: tf.constant(v[start:start + batch_size]) for k, v in features.items()})
+            for task, value in out.items():
+                parts.setdefault(task, []).append(np.asarray(value).reshape(-1))
+        return {task: np.concatenate(v) for task, v in parts.items()}
+
+    return predict
+
+
+def _details(model, features: dict, batch_size: int) -> dict:
+    """Gate weights of the validation split (models with gates), for the utilisation plot."""
+    forward = getattr(model, "forward", None)
+    if forward is None:
+        return {}
+    parts: dict[str, list] = {}
+    n = len(next(iter(features.values())))
+    for start in range(0, n, batch_size):
+        _, details = forward({k: tf.constant(v[start:start + batch_size]) for k, v in features.items()})
+        for name, value in details.items():
+            if name.startswith("gates/"):
+                parts.setdefault(name, []).append(np.asarray(value))
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+class Run:
+    """One training run in one directory (see the module doc)."""
+
+    def __init__(self, model_config: ModelConfig, data: MDMTData, config: TrainConfig, out_dir: str | Path,
+                 source: str = "", verbose: int | None = None, callbacks=()):
+        self.model_config, self.data, self.config = model_config, data, config
+        self.out = Path(out_dir)
+        self.source = source
+        self.verbose = verbose if verbose is not None else (1 if sys.stdout.isatty() else 2)
+        self.extra_callbacks = list(callbacks)
+
+    # ------------------------------------------------------------------ config
+    # a rerun may change these (e.g. more epochs to continue a run); anything else must match
+    RESUMABLE_CHANGES = ("train.epochs", "train.patience", "train.eval_batch_size")
+
+    def _check_run_config(self) -> None:
+        current = json.loads(json.dumps(
+            {"model": self.model_config.to_dict(), "train": self.config.to_dict(), "data": self.source}))
+        path = self.out / "run_config.json"
+        if path.exists():
+            differs = [f"{key}: {old!r} -> {new!r}" for key, old, new in _diff(json.loads(path.read_text()), current)
+                       if key not in self.RESUMABLE_CHANGES]
+            if differs:
+                raise ConfigError(f"{self.out} holds a run with another configuration ({'; '.join(differs[:5])}); "
+                                  "pass another --out (or delete the directory) to start a new run")
+        self.out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(current, indent=1))
+
+    # ------------------------------------------------------------------ pieces
+    def _trainer(self, model, enc: EncodedData):
+        c = self.config
+        weights = dict(c.task_weights)
+        if c.strategy != "plain":
+            domains = sorted(set(enc.domain["train"].tolist()))
+            trainer = MAMDRTrainer(model, strategy=c.strategy, domains=domains, inner_lr=c.mamdr.inner_lr,
+                                   outer_lr=c.mamdr.outer_lr, dr_lr=c.mamdr.dr_lr, k=c.mamdr.k,
+                                   inner_steps=c.mamdr.inner_steps, inner_optimizer=c.mamdr.inner_optimizer,
+                                   learning_rate=c.learning_rate, scope=c.mamdr.scope, seed=c.seed,
+                                   task_weights=weights, loss_reduction=c.loss_reduction)
+            datasets = []
+            for d in domains:
+                rows = np.flatnonzero(enc.domain["train"] == d)
+                datasets.append(make_dataset(_take(enc.features["train"], rows), _take(enc.labels["train"], rows),
+                                             batch_size=c.batch_size, shuffle=True, seed=c.seed + d, repeat=True,
+                                             drop_remainder=False))
+            steps = max(1, enc.rows("train") // (c.batch_size * len(domains)))
+            return trainer, tf.data.Dataset.zip(tuple(datasets)), steps, c.batch_size * len(domains)
+        train_rows = np.arange(enc.rows("train"))
+        heldout = None
+        fraction = c.holdout_fraction()
+        if fraction is not None:
+            order = np.random.default_rng(c.seed).permutation(len(train_rows))
+            cut = int(round(fraction * len(order)))
+            held, train_rows = np.sort(order[:cut]), np.sort(order[cut:])
+            heldout = make_dataset(_take(enc.features["train"], held), _take(enc.labels["train"], held),
+                                   batch_size=c.batch_size, shuffle=True, seed=c.seed + 1)
+        elif model.architecture_variables and c.arch_mode == "bilevel":
+            heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
+                                   seed=c.seed + 1)
+        steps = int(np.ceil(len(train_rows) / c.batch_size))
+        trainer = MDMTTrainer(model, arch_mode=c.arch_mode, learning_rate=c.learning_rate,
+                              arch_learning_rate=c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
+                              steps_per_epoch=steps, task_weights=weights, loss_reduction=c.loss_reduction,
+                              jit_compile=c.jit_compile)
+        train = make_dataset(_take(enc.features["train"], train_rows), _take(enc.labels["train"], train_rows),
+                             batch_size=c.batch_size, shuffle=True, seed=c.seed)
+        return trainer, train, None, c.batch_size
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        self._check_run_config()
+        previous_policy = keras.mixed_precision.global_policy()
+        try:
+            if self.config.mixed_precision:
+                keras.mixed_precision.set_global_policy("mixed_bfloat16")
+            keras.utils.set_random_seed(self.config.seed)
+            return self._run()
+        finally:
+            keras.mixed_precision.set_global_policy(previous_policy)
+
+    def _run(self) -> dict:
+        c, out = self.config, self.out
+        enc = EncodedData.from_data(self.data)
+        model = build_model(self.model_config, enc.schema)
+        trainer, train_ds, steps_per_epoch, examples_per_step = self._trainer(model, enc)
+        trainer.compile()
+        serving = trainer.serving_model() if isinstance(trainer, MAMDRTrainer) else model
+        validation = ValidationMetrics(predictor(serving, c.eval_batch_size), enc.features["val"],
+                                       enc.labels["val"], enc.domain["val"], enc.vocab.domains, enc.spec.tasks)
+        trajectory = ArchitectureTrajectory(lambda: model)
+        timer = _Timer(examples_per_step)
+        stopper = ResumableEarlyStopping(
+            out / "checkpoints", tf.train.Checkpoint(trainer=trainer), patience=c.patience,
+            extra_state=lambda: {"arch_trajectory": trajectory.points, "train_seconds": timer.seconds,
+                                 "train_examples": timer.examples,
+                                 "val_auc_per_epoch": [r["auc"] for r in validation.results]})
+        state = stopper.resume()
+        start = 0
+        if state is not None:
+            start = state["epoch"]
+            trajectory.points = state.get("arch_trajectory", [])
+            validation.results = [{"auc": a} for a in state.get("val_auc_per_epoch", [])]
+            timer.seconds, timer.examples = state.get("train_seconds", 0.0), state.get("train_examples", 0)
+            print(f"[mdmt] resuming {out} after epoch {start} (best val_mean_auc {state['best']} at epoch "
+                  f"{state['best_epoch']})", flush=True)
+        if (state or {}).get("stopped_early"):
+            print(f"[mdmt] {out}: early stopping had ended this run; reporting its best weights", flush=True)
+        elif start < c.epochs:
+            callbacks = [timer, validation, trajectory, stopper,
+                         keras.callbacks.TensorBoard(log_dir=str(out / "logs"), write_graph=False),
+                         *self.extra_callbacks]
+            trainer.fit(train_ds, epochs=c.epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
+                        callbacks=callbacks, verbose=self.verbose, shuffle=False)
+        best_epoch = stopper.restore_best()
+        return self._finish(model, serving, enc, stopper.state, best_epoch, trajectory.points, timer)
+
+    def _finish(self, model, serving, enc: EncodedData, state, best_epoch, trajectory, timer) -> dict:
+        from mdmt_tf.export.savedmodel import export_savedmodel
+        from mdmt_tf.report import plots
+        from mdmt_tf.report.metrics import arch_summary, write_metrics
+
+        c, out = self.config, self.out
+        predict = predictor(serving, c.eval_batch_size)
+        domains, tasks = enc.vocab.domains, list(enc.spec.tasks)
+        results = {s: evaluate(predict(enc.features[s]), enc.labels[s], enc.domain[s], domains, tasks)
+                   for s in ("val", "test")}
+        export_savedmodel(serving, enc.front, enc.spec, out / "model",
+                          metadata={"model": self.model_config.to_dict(), "domains": domains})
+        payload = {
+            "model": self.model_config.name,
+            "val": results["val"], "test": results["test"],
+            "arch": arch_summary(model.architecture_values(), domains, tasks),
+            "train_seconds": timer.seconds,
+            "train_examples_per_second": timer.examples / timer.seconds if timer.seconds else None,
+            "epochs_trained": state["epoch"], "best_epoch": best_epoch, "stopped_early": state.get("stopped_early"),
+            "history": state["history"], "config": self.config.to_dict(),
+            "model_config": {"name": self.model_config.name, "params": self.model_config.resolved_params()},
+            "data": {"source": self.source, "rows": {s: enc.rows(s) for s in ("train", "val", "test")},
+                     "domains": domains, "tasks": tasks},
+        }
+        payload = write_metrics(out / "metrics.json", payload)
+        (out / "plots").mkdir(exist_ok=True)
+        plots.auc_heatmap(payload["test"], domains, tasks, out / "plots" / "auc_heatmap.png")
+        if state["history"]:
+            plots.training_curves(state["history"], out / "plots" / "training_curves.png")
+        plots.arch_trajectories(trajectory, out / "plots" / "arch_trajectories.png")
+        gates = _details(model, enc.features["val"], c.eval_batch_size)
+        plots.gate_utilisation(gates, enc.domain["val"], domains, tasks, out / "plots" / "gate_utilisation.png")
+        return payload
+
+
+def train(model_config: ModelConfig, data: MDMTData, config: TrainConfig, out_dir, **kwargs) -> dict:
+    """Train, evaluate, export and report; returns the metrics.json payload."""
+    return Run(model_config, data, config, out_dir, **kwargs).run()

@@ -1,0 +1,168 @@
+"""MDMTTrainer: a Keras model wrapping an MDMTModel whose `train_step` implements
+M3oE's AutoML search (first-order DARTS) and the alternatives it is measured against.
+
+arch_mode
+  bilevel  (default) two optimizers over disjoint sets: the architecture optimizer
+           updates only the architecture variables (alpha, beta, gate logits), on
+           batches of a held-out stream, every `arch_period` steps; the weight optimizer
+           updates only the other weights, on training batches, every step. An
+           architecture step is taken first (at the current weights), then the weight step.
+  joint    one optimizer updates all variables, architecture ones included, on training
+           batches (no search).
+  fixed    architecture variables are frozen at their initial values.
+  authors  the authors' released behaviour: the weight optimizer updates all variables
+           (architecture ones included) every step, and in addition one architecture
+           optimizer step per epoch, on a training batch (the epoch's first).
+
+The held-out batches come from a tf.data iterator read inside the branch of a cond, so a
+batch is consumed exactly when an architecture step runs. Models without architecture
+variables train the same in every mode.
+
+Loss: mdmt_tf.training.losses.mdmt_loss (per-(domain, task) BCE means summed, optional
+task weights) plus the model's regularisation losses (embedding L2).
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from mdmt_tf.errors import ConfigError
+from mdmt_tf.models.base import MDMTModel
+from mdmt_tf.training.losses import mdmt_loss
+
+ARCH_MODES = ("bilevel", "joint", "fixed", "authors")
+
+
+class MDMTTrainer(keras.Model):
+    """Train `model` with the given arch_mode. Use like any Keras model:
+
+        trainer = MDMTTrainer(model, arch_mode="bilevel", heldout=heldout_batches)
+        trainer.compile()          # optimizers are the trainer's own
+        trainer.fit(train_batches, epochs=...)
+    """
+
+    def __init__(self, model: MDMTModel, *, arch_mode: str = "bilevel", learning_rate: float = 1e-3,
+                 arch_learning_rate: float = 3e-3, arch_period: int = 1, heldout=None,
+                 steps_per_epoch: int | None = None, task_weights: dict | None = None,
+                 loss_reduction: str = "pair", jit_compile: bool = False, weight_optimizer=None,
+                 arch_optimizer=None, **kwargs):
+        super().__init__(name=kwargs.pop("name", "trainer"), **kwargs)
+        if arch_mode not in ARCH_MODES:
+            raise ConfigError(f"arch_mode must be one of {list(ARCH_MODES)}, got {arch_mode!r}")
+        if arch_period < 1:
+            raise ConfigError(f"arch_period must be >= 1, got {arch_period}")
+        unknown = sorted(set(task_weights or {}) - set(model.schema.tasks))
+        if unknown:
+            raise ConfigError(f"task weights name unknown task(s) {unknown}; tasks: {list(model.schema.tasks)}")
+        self.net = model
+        self.arch_mode = arch_mode
+        self.arch_period = int(arch_period)
+        self.task_weights = dict(task_weights or {})
+        self.loss_reduction = loss_reduction
+        self.searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
+        if arch_mode == "authors" and self.searching and not steps_per_epoch:
+            raise ConfigError("arch_mode 'authors' needs steps_per_epoch (one architecture step per epoch)")
+        self.steps_per_epoch = int(steps_per_epoch or 0)
+
+        self.weight_optimizer = weight_optimizer or keras.optimizers.Adam(learning_rate, name="weight_optimizer")
+        self.weight_optimizer.build(self.weight_vars)
+        self.arch_optimizer = arch_optimizer or keras.optimizers.Adam(arch_learning_rate, name="arch_optimizer")
+        if self.arch_vars:
+            self.arch_optimizer.build(self.arch_vars)
+        self.weight_steps = keras.Variable(0, dtype="int64", trainable=False, name="weight_steps")
+        self.arch_steps = keras.Variable(0, dtype="int64", trainable=False, name="arch_steps")
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.arch_loss_tracker = keras.metrics.Mean(name="arch_loss")
+
+        self._heldout = None
+        if arch_mode == "bilevel" and self.searching:
+            if heldout is None:
+                raise ConfigError("arch_mode 'bilevel' needs a held-out stream for the architecture steps "
+                                  "(the validation split or a slice of training data)")
+            self._heldout = iter(heldout.repeat())
+        self._weight_step = tf.function(self._weight_step_impl, jit_compile=jit_compile, reduce_retracing=True)
+        self._arch_step = tf.function(self._arch_step_impl, jit_compile=jit_compile, reduce_retracing=True)
+
+    # ------------------------------------------------------------------ variables
+    @property
+    def arch_vars(self) -> list:
+        return self.net.architecture_variables
+
+    @property
+    def weight_vars(self) -> list:
+        """What the weight optimizer updates: architecture variables excluded in bilevel /
+        fixed mode, included in joint / authors mode."""
+        if self.arch_mode in ("bilevel", "fixed"):
+            return self.net.weight_variables
+        return self.net.trainable_variables
+
+    # ------------------------------------------------------------------ Keras API
+    def call(self, features, training=None):
+        return self.net(features, training=training)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.arch_loss_tracker]
+
+    def compile(self, **kwargs):
+        # the trainer applies its own optimizers; Keras' optimizer slot holds the weight one
+        super().compile(optimizer=self.weight_optimizer, jit_compile=False, **kwargs)
+
+    def loss_of(self, features, labels, training=True):
+        """(loss + regularisation, loss) on one batch."""
+        probs = self.net(features, training=training)
+        loss = mdmt_loss(labels, probs, features[self.net.schema.domain], self.net.schema.num_domains,
+                         self.net.schema.tasks, self.task_weights, self.loss_reduction)
+        regularisation = ops.sum(ops.stack(self.net.losses)) if self.net.losses else 0.0
+        return loss + regularisation, loss
+
+    def _weight_step_impl(self, features, labels):
+        with tf.GradientTape() as tape:
+            total, loss = self.loss_of(features, labels)
+        grads = tape.gradient(total, self.weight_vars)
+        self.weight_optimizer.apply(grads, self.weight_vars)
+        return loss
+
+    def _arch_step_impl(self, features, labels):
+        with tf.GradientTape() as tape:
+            total, loss = self.loss_of(features, labels)
+        grads = tape.gradient(total, self.arch_vars)
+        self.arch_optimizer.apply(grads, self.arch_vars)
+        return loss
+
+    def _maybe_arch_step(self, features, labels):
+        """Returns (architecture loss or 0, 1.0 if a step was taken else 0.0)."""
+        if not self.searching:
+            return ops.zeros(()), ops.zeros(())
+        if self.arch_mode == "bilevel":
+            due = ops.equal(self.weight_steps % self.arch_period, 0)
+
+            def step():
+                held_features, held_labels = self._heldout.get_next()
+                return self._arch_step(held_features, held_labels)
+        else:  # authors: once per epoch, on the epoch's first training batch
+            due = ops.equal(self.weight_steps % self.steps_per_epoch, 0)
+
+            def step():
+                return self._arch_step(features, labels)
+
+        loss = tf.cond(due, step, lambda: tf.zeros(()))
+        taken = ops.cast(due, "float32")
+        self.arch_steps.assign_add(ops.cast(due, "int64"))
+        return loss, taken
+
+    def train_step(self, data):
+        features, labels = data
+        arch_loss, taken = self._maybe_arch_step(features, labels)
+        loss = self._weight_step(features, labels)
+        self.weight_steps.assign_add(1)
+        self.loss_tracker.update_state(loss)
+        self.arch_loss_tracker.update_state(arch_loss, sample_weight=taken)
+        return {m.name: m.result() for m in self.metrics}
+
+    def test_step(self, data):
+        features, labels = data
+        _, loss = self.loss_of(features, labels, training=False)
+        self.loss_tracker.update_state(loss)
+        return {"loss": self.loss_tracker.result()}

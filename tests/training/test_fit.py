@@ -1,0 +1,113 @@
+"""End to end: train() writes metrics.json, plots, a SavedModel, and resumes after an interruption."""
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mdmt_tf.data.dataset import label_arrays, raw_feature_arrays
+from mdmt_tf.errors import ConfigError
+from mdmt_tf.models import ModelConfig
+from mdmt_tf.training.fit import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"bottom_units": [32, 16], "expert_units": [16, 8], "tower_units": [8], "embedding_dim": 4}
+CONFIG = TrainConfig(epochs=2, batch_size=256, patience=5)
+
+
+def _schema_of(split: dict, domains, tasks):
+    assert set(split) >= {"auc", "logloss", "mean_auc", "mean_logloss"}
+    keys = {f"{d}/{t}" for d in domains for t in tasks}
+    assert set(split["auc"]) == keys and set(split["logloss"]) == keys
+    assert all(isinstance(v, float) for v in split["auc"].values())
+    assert isinstance(split["mean_auc"], float) and isinstance(split["mean_logloss"], float)
+
+
+def test_train_writes_the_documented_outputs(data, tmp_path):
+    payload = train(ModelConfig("m3oe", SMALL), data, CONFIG, tmp_path, source="small", verbose=0)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == payload
+    domains, tasks = data.vocab.domains, list(data.spec.tasks)
+    assert payload["model"] == "m3oe"
+    for split in ("val", "test"):
+        _schema_of(payload[split], domains, tasks)
+    assert set(payload["arch"]) >= {"alpha", "beta"}
+    assert set(payload["arch"]["alpha"]) == {"domain", "task"} and 0 < payload["arch"]["beta"]["task"] < 1
+    assert payload["train_seconds"] > 0 and payload["train_examples_per_second"] > 0
+    for plot in ("auc_heatmap", "training_curves", "arch_trajectories", "gate_utilisation"):
+        assert (tmp_path / "plots" / f"{plot}.png").stat().st_size > 5000
+
+    # the SavedModel: both signatures agree with each other and with the metrics
+    loaded = tf.saved_model.load(str(tmp_path / "model"))
+    assert set(loaded.signatures) == {"serving_default", "predict_raw"}
+    table = data.splits.test
+    raw = raw_feature_arrays(table, data.spec)
+    out_raw = loaded.signatures["predict_raw"](**{k: tf.constant(v) for k, v in raw.items()})
+    from mdmt_tf.data.readers import example_bytes
+
+    out_ex = loaded.signatures["serving_default"](examples=tf.constant(example_bytes(table, data.spec)))
+    for task in tasks:
+        np.testing.assert_allclose(out_ex[task].numpy(), out_raw[task].numpy(), rtol=1e-6)
+    from mdmt_tf.training.evaluation import evaluate
+
+    labels = label_arrays(table, data.spec)
+    index = table[data.spec.domain].map({d: i for i, d in enumerate(domains)}).to_numpy()
+    again = evaluate({t: out_raw[t].numpy() for t in tasks}, labels, index, domains, tasks)
+    for key, value in payload["test"]["auc"].items():
+        assert again["auc"][key] == pytest.approx(value, abs=1e-6)
+
+
+class _Crash(keras.callbacks.Callback):
+    """Interrupts after epoch 2, once that epoch's checkpoint is written (it runs after the
+    checkpointing callback), remembering the weights that were checkpointed."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            self.weights = [np.array(v) for v in self.model.net.trainable_variables]
+            raise KeyboardInterrupt("simulated interruption after epoch 2")
+
+
+class _FirstWeights(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        self.weights = [np.array(v) for v in self.model.net.trainable_variables]
+        self.initial_epoch = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.initial_epoch is None:
+            self.initial_epoch = epoch
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(data, tmp_path, capsys):
+    config = TrainConfig(epochs=4, batch_size=256, patience=5)
+    model = ModelConfig("mmoe", {"expert_units": [16, 8], "tower_units": [8], "embedding_dim": 4})
+    crash = _Crash()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data, config, tmp_path, source="small", verbose=0, callbacks=[crash])
+    state = json.loads((tmp_path / "checkpoints" / "state.json").read_text())
+    assert state["epoch"] == 2 and not (tmp_path / "metrics.json").exists()
+
+    probe = _FirstWeights()
+    payload = train(model, data, config, tmp_path, source="small", verbose=0, callbacks=[probe])
+    assert "resuming" in capsys.readouterr().out
+    assert probe.initial_epoch == 2 and payload["epochs_trained"] == 4
+    assert len(payload["history"]) == 4
+    assert len(probe.weights) == len(crash.weights)
+    for resumed, saved in zip(probe.weights, crash.weights):
+        np.testing.assert_array_equal(resumed, saved)
+
+    with pytest.raises(ConfigError, match="learning_rate"):
+        train(model, data, TrainConfig(epochs=4, batch_size=256, learning_rate=0.01), tmp_path, source="small",
+              verbose=0)
+
+
+def test_mamdr_strategy_end_to_end(data, tmp_path):
+    model = ModelConfig("shared_bottom", {"bottom_units": [16], "tower_units": [8], "embedding_dim": 4})
+    payload = train(model, data, TrainConfig(epochs=1, batch_size=128, strategy="mamdr"), tmp_path,
+                    source="small", verbose=0)
+    assert payload["test"]["mean_auc"] > 0.5
+    loaded = tf.saved_model.load(str(tmp_path / "model"))
+    raw = raw_feature_arrays(data.splits.test.head(10), data.spec)
+    out = loaded.signatures["predict_raw"](**{k: tf.constant(v) for k, v in raw.items()})
+    assert out["click"].shape == (10,)

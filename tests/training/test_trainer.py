@@ -1,0 +1,104 @@
+"""The arch modes of the bi-level trainer."""
+import keras
+import numpy as np
+import pytest
+
+from mdmt_tf.errors import ConfigError
+from mdmt_tf.models import build_model
+from mdmt_tf.training.trainer import MDMTTrainer
+
+from tests.training.conftest import batches, values
+
+SMALL = {"bottom_units": [32, 16], "expert_units": [16, 8], "tower_units": [8], "embedding_dim": 4}
+
+
+def _m3oe(enc, **params):
+    keras.utils.set_random_seed(0)
+    return build_model("m3oe", enc.schema, {**SMALL, **params})
+
+
+def _fit(trainer, enc, epochs=1, batch_size=256):
+    trainer.compile()
+    trainer.fit(batches(enc, "train", batch_size, shuffle=True, seed=0), epochs=epochs, verbose=0)
+
+
+def _changed(before, after):
+    return [not np.array_equal(a, b) for a, b in zip(before, after)]
+
+
+def test_bilevel_weight_optimizer_never_touches_architecture_variables(enc):
+    model = _m3oe(enc)
+    trainer = MDMTTrainer(model, arch_mode="bilevel", arch_learning_rate=0.0,
+                          heldout=batches(enc, "val"))
+    assert {id(v) for v in trainer.weight_vars}.isdisjoint({id(v) for v in model.architecture_variables})
+    arch0, weights0 = values(model.architecture_variables), values(model.weight_variables)
+    _fit(trainer, enc)
+    assert not any(_changed(arch0, values(model.architecture_variables)))  # arch lr 0, weight optimizer blind
+    assert all(_changed(weights0, values(model.weight_variables)))
+    assert int(trainer.arch_steps.numpy()) == int(trainer.weight_steps.numpy()) > 0
+
+
+def test_authors_mode_lets_the_weight_optimizer_move_alpha_beta(enc):
+    model = _m3oe(enc)
+    steps = int(np.ceil(enc.rows("train") / 256))
+    trainer = MDMTTrainer(model, arch_mode="authors", arch_learning_rate=0.0, steps_per_epoch=steps)
+    assert {id(v) for v in model.architecture_variables} <= {id(v) for v in trainer.weight_vars}
+    arch0 = values(model.architecture_variables)
+    _fit(trainer, enc, epochs=2)
+    assert all(_changed(arch0, values(model.architecture_variables)))
+    assert int(trainer.arch_steps.numpy()) == 2  # one per epoch
+
+
+@pytest.mark.parametrize("mode, moves", [("joint", True), ("fixed", False)])
+def test_joint_and_fixed(mode, moves, enc):
+    model = _m3oe(enc)
+    trainer = MDMTTrainer(model, arch_mode=mode, arch_learning_rate=1.0)
+    arch0 = values(model.architecture_variables)
+    _fit(trainer, enc)
+    assert all(_changed(arch0, values(model.architecture_variables))) is moves
+    assert int(trainer.arch_steps.numpy()) == 0
+
+
+@pytest.mark.parametrize("period", [1, 3])
+def test_architecture_steps_consume_only_heldout_batches(period, enc):
+    """The held-out stream is a fixed sequence of batches; after training, its next batch
+    tells how many were consumed: exactly one per architecture step."""
+    model = _m3oe(enc)
+    heldout = batches(enc, "val", batch_size=100)  # unshuffled: batch i = rows [100 i, 100 i + 100)
+    n_batches = int(np.ceil(enc.rows("val") / 100))
+    trainer = MDMTTrainer(model, arch_mode="bilevel", arch_period=period, heldout=heldout)
+    arch0 = values(model.architecture_variables)
+    _fit(trainer, enc, epochs=1)
+    weight_steps, arch_steps = int(trainer.weight_steps.numpy()), int(trainer.arch_steps.numpy())
+    assert arch_steps == int(np.ceil(weight_steps / period))
+    next_features, _ = trainer._heldout.get_next()
+    expected_row = (arch_steps % n_batches) * 100
+    np.testing.assert_array_equal(next_features["user_id"].numpy()[:5],
+                                  enc.features["val"]["user_id"][expected_row:expected_row + 5])
+    assert all(_changed(arch0, values(model.architecture_variables)))
+
+
+def test_models_without_architecture_variables_and_errors(enc):
+    keras.utils.set_random_seed(0)
+    model = build_model("mmoe", enc.schema, {"expert_units": [16, 8], "tower_units": [8], "embedding_dim": 4})
+    trainer = MDMTTrainer(model, arch_mode="bilevel")  # nothing to search: no held-out stream needed
+    _fit(trainer, enc)
+    assert int(trainer.arch_steps.numpy()) == 0
+    with pytest.raises(ConfigError, match="held-out stream"):
+        MDMTTrainer(_m3oe(enc), arch_mode="bilevel")
+    with pytest.raises(ConfigError, match="arch_mode must be one of"):
+        MDMTTrainer(model, arch_mode="darts")
+    with pytest.raises(ConfigError, match="unknown task"):
+        MDMTTrainer(model, task_weights={"purchase": 2.0})
+
+
+def test_loss_includes_embedding_regularisation(enc):
+    keras.utils.set_random_seed(0)
+    plain = build_model("shared_bottom", enc.schema, {"bottom_units": [8], "embedding_dim": 4})
+    keras.utils.set_random_seed(0)
+    reg = build_model("shared_bottom", enc.schema, {"bottom_units": [8], "embedding_dim": 4, "embedding_l2": 0.1})
+    features, labels = next(iter(batches(enc, "train")))
+    total_plain, loss_plain = MDMTTrainer(plain, arch_mode="fixed").loss_of(features, labels, training=False)
+    total_reg, loss_reg = MDMTTrainer(reg, arch_mode="fixed").loss_of(features, labels, training=False)
+    assert float(loss_plain) == pytest.approx(float(loss_reg), rel=1e-6)
+    assert float(total_reg) > float(loss_reg) and float(total_plain) == pytest.approx(float(loss_plain))
