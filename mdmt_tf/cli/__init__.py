@@ -14,7 +14,6 @@ from mdmt_tf.errors import MdmtError
 
 # Verbs that are planned but not built yet: name -> (what it will do, where it is planned).
 PLANNED: dict[str, tuple[str, str]] = {
-    "compare": ("run several models over seeds and tabulate AUC per (domain, task)", "issue #4"),
     "tune": ("Keras Tuner search over a model family", "issue #7"),
     "pipeline": ("run or compile the TFX pipeline (local / Kubeflow)", "issue #5"),
     "serve": ("local TF Serving stand-in (REST + gRPC) for development", "issue #6"),

@@ -107,15 +107,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def add_parsers(verbs) -> None:
-    p = verbs.add_parser("train", help="train one model; write metrics.json, plots and a SavedModel",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None, help="model name (m3oe, m3oe_aftb, stem, mlp, shared_bottom, mmoe, "
-                                                 "ple, star, pepnet, esmm)")
-    add_data_flags(p)
-    p.add_argument("--out", required=True, help="run directory; rerunning with the same one resumes")
-    p.add_argument("--hparams", default=None, help="YAML/JSON model hyper-parameters (e.g. a tuner's best)")
-    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="override one hyper-parameter")
+def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
@@ -140,7 +132,50 @@ def add_parsers(verbs) -> None:
     p.add_argument("--min-count", type=int, default=1, help="ids seen fewer times in training go to the OOV bucket")
     p.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16 compute (AVX-512 BF16)")
     p.add_argument("--jit", action="store_true", help="XLA-compile the training steps")
+
+
+def cmd_compare(args) -> int:
+    from mdmt_tf.models import ModelConfig, model_names
+    from mdmt_tf.training.compare import Comparison, markdown
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()] if args.models != "all" else model_names()
+    if not names:
+        raise ConfigError("--models needs at least one model name (or 'all')")
+    overrides = _key_values(args.param, "--param")
+    models = [ModelConfig(name, dict(overrides)) for name in names]
+    data = load_data(args)
+    source = f"{args.data} split={args.split} split_seed={args.split_seed}"
+    report = Comparison(models, data, train_config_from_args(args), args.out, seeds=args.seeds,
+                        source=source).run()
+    print()
+    print(markdown(report))
+    print(f"wrote {args.out}/compare.md, compare.csv, compare.png, compare.json")
+    return 0
+
+
+def add_parsers(verbs) -> None:
+    p = verbs.add_parser("train", help="train one model; write metrics.json, plots and a SavedModel",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None, help="model name (m3oe, m3oe_aftb, stem, mlp, shared_bottom, mmoe, "
+                                                 "ple, star, pepnet, esmm)")
+    add_data_flags(p)
+    p.add_argument("--out", required=True, help="run directory; rerunning with the same one resumes")
+    p.add_argument("--hparams", default=None, help="YAML/JSON model hyper-parameters (e.g. a tuner's best)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE", help="override one hyper-parameter")
+    add_training_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("compare", help="train several models over seeds on one split; table of test AUC "
+                                         "(mean ± std per domain, task) incl. a popularity baseline",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", required=True, help="comma-separated model names, or 'all'")
+    p.add_argument("--seeds", type=int, default=3, help="runs per model (seeds 0..N-1)")
+    add_data_flags(p)
+    p.add_argument("--out", required=True, help="output directory (runs are resumable)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="hyper-parameter for every model (e.g. embedding_l2=1e-6, oov_rate=0.05)")
+    add_training_flags(p)
+    p.set_defaults(func=cmd_compare)
 
     p = verbs.add_parser("evaluate", help="recompute test metrics from a SavedModel")
     p.add_argument("--model-dir", required=True, help="a SavedModel written by mdmt train (DIR/model)")

@@ -105,3 +105,23 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def compare_bars(report: dict, path: Path) -> Path:
+    """Mean AUC +- std per (domain, task) pair, one bar per model."""
+    pairs = [f"{d}/{t}" for d in report["domains"] for t in report["tasks"]] + ["mean_auc"]
+    models = sorted(report["table"], key=lambda m: -(report["table"][m]["mean_auc"][0] or 0))
+    width = 0.8 / max(len(models), 1)
+    fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(pairs) * max(1, len(models) / 4)), 4.5))
+    low = 1.0
+    for i, model in enumerate(models):
+        means = [report["table"][model][p][0] or np.nan for p in pairs]
+        stds = [report["table"][model][p][1] or 0 for p in pairs]
+        low = min(low, np.nanmin(means))
+        ax.bar(np.arange(len(pairs)) + i * width, means, width, yerr=stds, label=model, capsize=2)
+    ax.set_xticks(np.arange(len(pairs)) + width * (len(models) - 1) / 2, pairs, rotation=30, ha="right")
+    ax.set_ylim(max(0.0, low - 0.03), None)
+    ax.set_ylabel("test AUC (mean ± std over seeds)")
+    ax.set_title("model comparison per (domain, task)")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

@@ -203,10 +203,12 @@ class Run:
     """One training run in one directory (see the module doc)."""
 
     def __init__(self, model_config: ModelConfig, data: MDMTData, config: TrainConfig, out_dir: str | Path,
-                 source: str = "", verbose: int | None = None, callbacks=()):
+                 source: str = "", verbose: int | None = None, callbacks=(), export: bool = True,
+                 plots: bool = True, save_predictions: bool = False):
         self.model_config, self.data, self.config = model_config, data, config
         self.out = Path(out_dir)
         self.source = source
+        self.export, self.plots, self.save_predictions = export, plots, save_predictions
         self.verbose = verbose if verbose is not None else (1 if sys.stdout.isatty() else 2)
         self.extra_callbacks = list(callbacks)
 
@@ -323,10 +325,13 @@ class Run:
         c, out = self.config, self.out
         predict = predictor(serving, c.eval_batch_size)
         domains, tasks = enc.vocab.domains, list(enc.spec.tasks)
-        results = {s: evaluate(predict(enc.features[s]), enc.labels[s], enc.domain[s], domains, tasks)
-                   for s in ("val", "test")}
-        export_savedmodel(serving, enc.front, enc.spec, out / "model",
-                          metadata={"model": self.model_config.to_dict(), "domains": domains})
+        predictions = {s: predict(enc.features[s]) for s in ("val", "test")}
+        results = {s: evaluate(predictions[s], enc.labels[s], enc.domain[s], domains, tasks) for s in predictions}
+        if self.save_predictions:
+            np.savez_compressed(out / "test_predictions.npz", **predictions["test"])
+        if self.export:
+            export_savedmodel(serving, enc.front, enc.spec, out / "model",
+                              metadata={"model": self.model_config.to_dict(), "domains": domains})
         payload = {
             "model": self.model_config.name,
             "val": results["val"], "test": results["test"],
@@ -340,6 +345,8 @@ class Run:
                      "domains": domains, "tasks": tasks},
         }
         payload = write_metrics(out / "metrics.json", payload)
+        if not self.plots:
+            return payload
         (out / "plots").mkdir(exist_ok=True)
         plots.auc_heatmap(payload["test"], domains, tasks, out / "plots" / "auc_heatmap.png")
         if state["history"]:

@@ -1,0 +1,164 @@
+"""`mdmt compare`: several models, several seeds, one split; mean +- std per (domain, task).
+
+Every run is a normal training run (resumable) in OUT/runs/<model>/seed<k>. The table
+always includes `popularity`, a no-model baseline: each item's positive rate per task on
+the training split, (positives + 1 * global rate) / (impressions + 1), the global rate
+for items never seen in training. When the single-task `mlp` is among the models, test
+samples are also split by relative feedback (STEM) using its predictions, and every
+model's AUC is reported per group.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from mdmt_tf.data.dataset import MDMTData
+from mdmt_tf.models import ModelConfig
+from mdmt_tf.training.evaluation import auc_by_group, evaluate, relative_feedback_groups
+from mdmt_tf.training.fit import Run, TrainConfig
+
+POPULARITY = "popularity"
+
+
+def popularity_predictions(data: MDMTData, split: str = "test", item_column: str | None = None,
+                           prior: float = 1.0) -> dict[str, np.ndarray]:
+    """Each item's smoothed positive rate per task on the training split."""
+    spec = data.spec
+    item = item_column or next((c for c in spec.sparse if "item" in c), spec.sparse[0])
+    train, target = data.splits.train, data.splits[split]
+    out = {}
+    for task in spec.tasks:
+        rate = float(train[task].mean())
+        grouped = train.groupby(item)[task].agg(["sum", "count"])
+        smoothed = (grouped["sum"] + prior * rate) / (grouped["count"] + prior)
+        out[task] = target[item].map(smoothed).fillna(rate).to_numpy(dtype=np.float64)
+    return out
+
+
+def cold_start_shares(data: MDMTData) -> dict[str, float]:
+    """Share of test rows whose id (per sparse feature) never appears in training."""
+    train, test = data.splits.train, data.splits.test
+    return {name: float((~test[name].isin(set(train[name]))).mean()) for name in data.spec.sparse}
+
+
+def _summary(values: list) -> tuple[float | None, float | None]:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values))
+
+
+class Comparison:
+    def __init__(self, models: list[ModelConfig], data: MDMTData, config: TrainConfig, out_dir, seeds: int = 3,
+                 source: str = "", verbose: int | None = None):
+        self.models, self.data, self.config = models, data, config
+        self.out = Path(out_dir)
+        self.seeds, self.source, self.verbose = int(seeds), source, verbose
+
+    def run(self) -> dict:
+        import dataclasses
+
+        data, spec = self.data, self.data.spec
+        domains, tasks = self.data.vocab.domains, list(spec.tasks)
+        index = {d: i for i, d in enumerate(domains)}
+        test = data.splits.test
+        test_domain = test[spec.domain].map(index).to_numpy()
+        labels = {t: test[t].to_numpy() for t in tasks}
+        results: dict[str, list[dict]] = {POPULARITY: [evaluate(popularity_predictions(data), labels, test_domain,
+                                                                domains, tasks)]}
+        predictions: dict[str, list[dict]] = {POPULARITY: [popularity_predictions(data)]}
+        timing: dict[str, list[float]] = {}
+        for model in self.models:
+            for seed in range(self.seeds):
+                run_dir = self.out / "runs" / model.name / f"seed{seed}"
+                print(f"[compare] {model.name} seed {seed} -> {run_dir}", flush=True)
+                payload = Run(model, data, dataclasses.replace(self.config, seed=seed), run_dir, source=self.source,
+                              verbose=self.verbose, export=False, plots=False, save_predictions=True).run()
+                results.setdefault(model.name, []).append(payload["test"])
+                timing.setdefault(model.name, []).append(payload["train_seconds"])
+                with np.load(run_dir / "test_predictions.npz") as saved:
+                    predictions.setdefault(model.name, []).append({t: saved[t] for t in tasks})
+        table = self._table(results, domains, tasks)
+        report = {"data": self.source, "domains": domains, "tasks": tasks, "seeds": self.seeds,
+                  "rows": {s: len(data.splits[s]) for s in ("train", "val", "test")},
+                  "cold_start": cold_start_shares(data), "table": table,
+                  "train_seconds": {m: float(np.mean(v)) for m, v in timing.items()}}
+        if "mlp" in predictions and len(tasks) >= 2:
+            report["relative_feedback"] = self._relative_feedback(predictions, labels, tasks)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "compare.json").write_text(json.dumps(report, indent=1))
+        write_outputs(report, self.out)
+        return report
+
+    @staticmethod
+    def _table(results: dict, domains, tasks) -> dict:
+        table = {}
+        for name, runs in results.items():
+            row = {}
+            for d in domains:
+                for t in tasks:
+                    row[f"{d}/{t}"] = _summary([r["auc"][f"{d}/{t}"] for r in runs])
+            row["mean_auc"] = _summary([r["mean_auc"] for r in runs])
+            row["mean_logloss"] = _summary([r["mean_logloss"] for r in runs])
+            table[name] = row
+        return table
+
+    @staticmethod
+    def _relative_feedback(predictions: dict, labels: dict, tasks) -> dict:
+        reference = predictions["mlp"][0]
+        groups = relative_feedback_groups(reference[tasks[0]], reference[tasks[1]])
+        out = {"groups": {g: int((groups == g).sum()) for g in ("A-overwhelming", "comparable", "B-overwhelming")},
+               "task_a": tasks[0], "task_b": tasks[1], "auc": {}}
+        for name, runs in predictions.items():
+            per_seed = [auc_by_group(p, labels, groups, tasks[:2]) for p in runs]
+            out["auc"][name] = {g: {t: _summary([s[g][t] for s in per_seed]) for t in tasks[:2]}
+                                for g in per_seed[0]}
+        return out
+
+
+def _cell(summary) -> str:
+    mean, std = summary
+    return "n/a" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(report: dict) -> str:
+    from mdmt_tf.report.tables import markdown_table
+
+    domains, tasks = report["domains"], report["tasks"]
+    pairs = [f"{d}/{t}" for d in domains for t in tasks]
+    headers = ["model"] + pairs + ["mean AUC", "mean logloss"]
+    order = sorted(report["table"], key=lambda m: -(report["table"][m]["mean_auc"][0] or 0))
+    rows = [[m] + [_cell(report["table"][m][p]) for p in pairs]
+            + [_cell(report["table"][m]["mean_auc"]), _cell(report["table"][m]["mean_logloss"])] for m in order]
+    lines = [f"Test AUC, mean ± std over {report['seeds']} seed(s); data: {report['data']}; rows "
+             f"{report['rows']}", "", markdown_table(headers, rows)]
+    cold = ", ".join(f"{k} {v:.1%}" for k, v in report["cold_start"].items() if v > 0)
+    lines += ["", f"Test rows whose id was never seen in training: {cold or 'none'}."]
+    if "relative_feedback" in report:
+        rf = report["relative_feedback"]
+        groups = list(rf["groups"])
+        headers = ["model"] + [f"{g} {t}" for g in groups for t in (rf["task_a"], rf["task_b"])]
+        rows = [[m] + [_cell(rf["auc"][m][g][t]) for g in groups for t in (rf["task_a"], rf["task_b"])]
+                for m in order if m in rf["auc"]]
+        sizes = ", ".join(f"{g}: {n}" for g, n in rf["groups"].items())
+        lines += ["", f"AUC by relative feedback (STEM; A = {rf['task_a']}, B = {rf['task_b']}; groups from the "
+                      f"single-task MLP's predictions, 10 buckets, |gap| >= 3; sizes {sizes})", "",
+                  markdown_table(headers, rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(report: dict, out: Path) -> None:
+    import csv
+
+    from mdmt_tf.report.plots import compare_bars
+
+    (out / "compare.md").write_text(markdown(report))
+    pairs = [f"{d}/{t}" for d in report["domains"] for t in report["tasks"]] + ["mean_auc", "mean_logloss"]
+    with open(out / "compare.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["model"] + [f"{p} {s}" for p in pairs for s in ("mean", "std")])
+        for model, row in report["table"].items():
+            writer.writerow([model] + [v for p in pairs for v in row[p]])
+    compare_bars(report, out / "compare.png")

@@ -1,0 +1,43 @@
+import json
+
+import numpy as np
+import pytest
+
+from mdmt_tf.models import ModelConfig
+from mdmt_tf.training.compare import Comparison, cold_start_shares, popularity_predictions
+from mdmt_tf.training.evaluation import auc
+from mdmt_tf.training.fit import TrainConfig
+
+
+def test_popularity_is_the_items_training_rate(data):
+    preds = popularity_predictions(data, split="test")
+    train, test = data.splits.train, data.splits.test
+    item = test["item_id"].iloc[0]
+    seen = train[train["item_id"] == item]
+    rate = train["click"].mean()
+    assert preds["click"][0] == pytest.approx((seen["click"].sum() + rate) / (len(seen) + 1))
+    unseen = ~test["item_id"].isin(set(train["item_id"])).to_numpy()
+    assert unseen.any() and np.allclose(preds["click"][unseen], rate)
+    shares = cold_start_shares(data)
+    assert shares["item_id"] == pytest.approx(unseen.mean())
+
+
+@pytest.mark.slow
+def test_compare_two_models_two_seeds(data, tmp_path):
+    small = {"embedding_dim": 4}
+    models = [ModelConfig("mlp", {**small, "units": [16]}), ModelConfig("shared_bottom", {**small, "bottom_units": [16]})]
+    report = Comparison(models, data, TrainConfig(epochs=1, batch_size=256), tmp_path, seeds=2, verbose=0).run()
+    assert set(report["table"]) == {"popularity", "mlp", "shared_bottom"}
+    runs = [json.loads((tmp_path / "runs" / "mlp" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    mean, std = report["table"]["mlp"]["0/click"]
+    values = [r["test"]["auc"]["0/click"] for r in runs]
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values))
+    assert report["table"]["popularity"]["mean_auc"][1] == 0.0
+    test = data.splits.test
+    rows = (test["domain_id"] == "0").to_numpy()
+    pop = popularity_predictions(data)["click"][rows]
+    assert report["table"]["popularity"]["0/click"][0] == pytest.approx(auc(test["click"].to_numpy()[rows], pop))
+    for name in ("compare.md", "compare.csv", "compare.png", "compare.json"):
+        assert (tmp_path / name).stat().st_size > 100
+    assert set(report["relative_feedback"]["groups"]) == {"A-overwhelming", "comparable", "B-overwhelming"}
+    assert "± " in (tmp_path / "compare.md").read_text()
