@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-from mdmt_tf.cli import data, train
+from mdmt_tf.cli import bench, data, train
 from mdmt_tf.errors import MdmtError
 
 # Verbs that are planned but not built yet: name -> (what it will do, where it is planned).
@@ -18,7 +18,6 @@ PLANNED: dict[str, tuple[str, str]] = {
     "pipeline": ("run or compile the TFX pipeline (local / Kubeflow)", "issue #5"),
     "serve": ("local TF Serving stand-in (REST + gRPC) for development", "issue #6"),
     "predict": ("score a CSV/TFRecord with a server or a SavedModel", "issue #6"),
-    "bench": ("benchmarks: training / pipeline / serving throughput and memory", "issues #4-#6"),
 }
 
 
@@ -35,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mdmt", description="mdmt_tf: multi-domain multi-task recommendation on TensorFlow/Keras + TFX.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    for module in (data, train):
+    for module in (data, train, bench):
         module.add_parsers(verbs)
 
     for verb, (what, where) in PLANNED.items():

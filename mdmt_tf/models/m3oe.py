@@ -4,7 +4,9 @@
     bottom:  x + StarFC(x) (shared weights * domain weights, shared + domain bias; a skip
              connection), then an MLP 512 -> 256 with LayerNorm + ReLU
     experts: n_shared shared experts, one domain expert per domain, one task expert per
-             task; each bottom 256 -> 256 -> 64
+             task; each bottom 256 -> 256 -> 64. All experts reading the bottom are one
+             stacked ExpertGroup `experts` (shared, then domain, then task experts: one
+             GEMM per layer); `expert_slices` says which is which
     shared view [d, t]: softmax gate of tower (d, t) over the shared experts, reading
              stop_gradient(bottom) as the authors do (gate_stop_gradient)
     level 1 (balance beta): domain view d = s(b_d) E_d + (1 - s(b_d)) / (D - 1) sum_{j!=d} E_j;
@@ -74,9 +76,14 @@ class M3oE(MDMTModel):
         n_in = (1 + len(s.sparse)) * p.embedding_dim + len(s.dense)
         self.star = StarFC(d, n_in, name="star_bottom")
         self.bottom = MLP(p.bottom_units, norm="layer", dropout=p.dropout, name="bottom")
-        self.shared_experts = ExpertGroup(p.num_shared_experts, p.expert_units, name="shared_experts")
-        self.domain_experts = ExpertGroup(d, p.expert_units, name="domain_experts")
-        self.task_experts = ExpertGroup(t, p.expert_units, name="task_experts")
+        n_s = p.num_shared_experts
+        on_bottom = n_s + d + (0 if self.aftb else t)
+        self.experts = ExpertGroup(on_bottom, p.expert_units, name="experts")
+        self.expert_slices = {"shared": slice(0, n_s), "domain": slice(n_s, n_s + d)}
+        if self.aftb:
+            self.task_experts = ExpertGroup(t, p.expert_units, name="task_experts")  # on task embeddings
+        else:
+            self.expert_slices["task"] = slice(n_s + d, n_s + d + t)
         if self.aftb:
             fields = p.task_embedding_fields or s.sparse_names
             unknown = [f for f in fields if f not in s.sparse_names]
@@ -156,17 +163,18 @@ class M3oE(MDMTModel):
         embedded = self.embedding(features, training=training)
         x = self.flat_inputs(embedded, features)
         bottom = self._bottom(x, domain, training)
-        shared = self.shared_experts(bottom)    # [B, S, H]
-        domains = self.domain_experts(bottom)   # [B, D, H]
+        on_bottom = self.experts(bottom)  # [B, S + D (+ T), H]
+        shared = on_bottom[:, self.expert_slices["shared"]]   # [B, S, H]
+        domains = on_bottom[:, self.expert_slices["domain"]]  # [B, D, H]
         gate_input = ops.stop_gradient(bottom) if self.params.gate_stop_gradient else bottom
         if self.aftb:
             task_inputs = self._task_inputs(embedded, features, training)
             tasks = self.task_experts(task_inputs)  # [B, T, H], expert t on task t's embeddings
             weights = self._gate_weights(gate_input, domain, task_inputs)
-            everything = ops.concatenate([shared, domains, tasks], axis=1)
+            everything = ops.concatenate([on_bottom, tasks], axis=1)  # shared, domain, task experts
             shared_view = aftb_mix(weights, everything, self._aftb_keep(domain))
         else:
-            tasks = self.task_experts(bottom)
+            tasks = on_bottom[:, self.expert_slices["task"]]
             weights = self._gate_weights(bottom, domain)  # SoftmaxGate applies the stop_gradient itself
             shared_view = mix(weights, shared)  # [B, T, H]
         domain_view = select_by_domain(self.domain_balance(domains), domain, self.schema.num_domains)

@@ -125,9 +125,13 @@ class MDMTTrainer(keras.Model):
         return loss
 
     def _arch_step_impl(self, features, labels):
-        with tf.GradientTape() as tape:
+        # watch only alpha / beta / gate logits: the tape then records (and back-propagates
+        # through) just the ops downstream of them, not the whole network
+        handles = [v.value for v in self.arch_vars]  # the backing tf.Variables
+        with tf.GradientTape(watch_accessed_variables=False) as tape:
+            tape.watch(handles)
             total, loss = self.loss_of(features, labels)
-        grads = tape.gradient(total, self.arch_vars)
+        grads = tape.gradient(total, handles)
         self.arch_optimizer.apply(grads, self.arch_vars)
         return loss
 

@@ -62,8 +62,10 @@ def test_m3oe_defaults_are_the_authors_configuration(encoded):
     d, t = schema.num_domains, schema.num_tasks
     assert shapes["embedding/embeddings"][1] == 16
     assert shapes["bottom/dense_0/kernel"] == (n_in, 512) and shapes["bottom/dense_1/kernel"] == (512, 256)
-    assert shapes["shared_experts/kernel_0"] == (4, 256, 256) and shapes["shared_experts/kernel_1"] == (4, 256, 64)
-    assert shapes["domain_experts/kernel_1"] == (d, 256, 64) and shapes["task_experts/kernel_1"] == (t, 256, 64)
+    # 4 shared + one per domain + one per task, each 256 -> 256 -> 64, stacked in one group
+    assert shapes["experts/kernel_0"] == (4 + d + t, 256, 256) and shapes["experts/kernel_1"] == (4 + d + t, 256, 64)
+    assert [model.expert_slices[k] for k in ("shared", "domain", "task")] == [
+        slice(0, 4), slice(4, 4 + d), slice(4 + d, 4 + d + t)]
     assert shapes["towers/kernel_0"] == (d, t, 64, 64) and shapes["towers/kernel_1"] == (d, t, 64, 1)
     assert shapes["star_bottom/domain_kernel"] == (d, n_in, n_in)
     assert any("bottom/norm_0" in p for p in shapes)  # LayerNorm in the bottom

@@ -1,0 +1,1 @@
+"""Benchmarks (`mdmt bench ...`): figures and ratios printed, never asserted in tests."""
