@@ -116,8 +116,9 @@ def split_table(table: pd.DataFrame, split: str, seed: int, source: str) -> dict
 
 
 # ----------------------------------------------------------------------------- CSV
-def read_csv_file(path: Path, spec: DatasetSpec) -> pd.DataFrame:
-    """One CSV file -> typed table (see mdmt_tf.data.table)."""
+def read_csv_file(path: Path, spec: DatasetSpec, labels: bool = True) -> pd.DataFrame:
+    """One CSV file -> typed table (see mdmt_tf.data.table). labels=False: label columns
+    are optional (data to score)."""
     path = Path(path)
     if not path.exists():
         raise DataError("file does not exist", source=str(path))
@@ -129,7 +130,7 @@ def read_csv_file(path: Path, spec: DatasetSpec) -> pd.DataFrame:
         raise DataError(f"is not valid CSV: {err}", source=str(path)) from None
     raw.columns = [c.strip() for c in raw.columns]
     raw[ROW] = np.arange(2, len(raw) + 2)  # line numbers; the header is line 1
-    return coerce_table(raw, spec, source=str(path), header_row=1)
+    return coerce_table(raw, spec, source=str(path), header_row=1, labels=labels)
 
 
 def _check_directory_split(path: Path, split: str) -> None:
@@ -158,6 +159,17 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> None:
     table.drop(columns=[ROW], errors="ignore").to_csv(path, index=False)
 
 
+def read_features_file(path: str | Path, spec: DatasetSpec) -> pd.DataFrame:
+    """A file to score (CSV or TFRecord, by suffix or content): typed rows in file order;
+    label columns optional."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file does not exist", source=str(path))
+    if str(path).endswith(TFRECORD_SUFFIXES):
+        return read_tfrecord_file(path, spec, labels=False)
+    return read_csv_file(path, spec, labels=False)
+
+
 # ------------------------------------------------------------------------ TFRecord
 def _iter_records(path: Path) -> Iterator[bytes]:
     import tensorflow as tf  # TF only when TFRecords are read
@@ -179,15 +191,17 @@ def _feature_value(feature) -> object:
     return values[0]
 
 
-def read_tfrecord_file(path: Path, spec: DatasetSpec) -> pd.DataFrame:
+def read_tfrecord_file(path: Path, spec: DatasetSpec, labels: bool = True) -> pd.DataFrame:
     """A TFRecord file of tf.train.Example -> typed table. Missing sparse features are
-    '' (OOV); a missing domain, label or dense feature is an error naming the record."""
+    '' (OOV); a missing domain, label or dense feature is an error naming the record
+    (labels=False: labels may be missing, data to score)."""
     from tensorflow.core.example import example_pb2
 
     path = Path(path)
     if not path.exists():
         raise DataError("file does not exist", source=str(path))
-    columns: dict[str, list] = {c: [] for c in spec.columns}
+    wanted = spec.columns if labels else spec.features
+    columns: dict[str, list] = {c: [] for c in wanted}
     try:
         for number, record in enumerate(_iter_records(path), start=1):
             example = example_pb2.Example()
@@ -196,7 +210,7 @@ def read_tfrecord_file(path: Path, spec: DatasetSpec) -> pd.DataFrame:
             except Exception:  # protobuf's DecodeError
                 raise DataError("record is not a serialized tf.train.Example", source=str(path), row=number) from None
             feats = example.features.feature
-            for name in spec.columns:
+            for name in wanted:
                 if name not in feats:
                     if name in spec.sparse:
                         columns[name].append("")
@@ -214,7 +228,7 @@ def read_tfrecord_file(path: Path, spec: DatasetSpec) -> pd.DataFrame:
                         source=str(path)) from None
     table = pd.DataFrame(columns)
     table[ROW] = np.arange(1, len(table) + 1)
-    return coerce_table(table, spec, source=str(path), header_row=None)
+    return coerce_table(table, spec, source=str(path), header_row=None, labels=labels)
 
 
 def read_tfrecord(path: str | Path, spec: DatasetSpec, seed: int = 0, split: str = "random") -> Splits:

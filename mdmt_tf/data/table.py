@@ -36,13 +36,15 @@ def _more(count: int) -> str:
 
 
 def coerce_table(table: pd.DataFrame, spec: DatasetSpec, source: str,
-                 header_row: int | None = 1) -> pd.DataFrame:
+                 header_row: int | None = 1, labels: bool = True) -> pd.DataFrame:
     """Check `table` against `spec` and return a typed copy (see module doc).
 
     `table` must carry ROW. `header_row` is the row to name for a missing column (1 for
-    a CSV header; None for formats without a header).
+    a CSV header; None for formats without a header). labels=False: the task columns are
+    optional (scoring data); present ones are still checked.
     """
-    missing = spec.missing_columns(table.columns)
+    required = spec.columns if labels else spec.features
+    missing = [c for c in required if c not in table.columns]
     if missing:
         present = [c for c in table.columns if c != ROW]
         raise DataError(
@@ -55,6 +57,8 @@ def coerce_table(table: pd.DataFrame, spec: DatasetSpec, source: str,
     out = table.copy()
 
     for task in spec.tasks:
+        if task not in out.columns:
+            continue
         values = out[task].map(lambda v: v.strip() if isinstance(v, str) else v)
         is_one = values.isin(_TRUE_LABELS).to_numpy()
         is_zero = values.isin(_FALSE_LABELS).to_numpy()

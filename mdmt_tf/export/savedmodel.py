@@ -12,9 +12,12 @@ Signatures (inputs and outputs keyed by name):
 An unknown domain value fails with InvalidArgument naming the domain column.
 
 `assets.extra/mdmt.json` records the spec, the model config, the domains and tasks, so a
-SavedModel can be evaluated or served knowing only its directory. The export is written
-to a temporary sibling directory and renamed into place, so a reader (a polling model
-server) never sees a half-written model.
+SavedModel can be evaluated or served knowing only its directory;
+`assets.extra/tf_serving_warmup_requests` holds PredictionLogs built from real examples,
+which TF Serving replays when it loads the model. Exports are written to a temporary
+sibling directory and renamed into place, and `publish_version` copies a SavedModel into
+the next numbered version directory of a TF Serving base path the same way, so a polling
+server never sees a half-written model.
 """
 from __future__ import annotations
 
@@ -74,8 +77,25 @@ class ServingModule(tf.Module):
                 "predict_raw": self.predict_raw.get_concrete_function()}
 
 
-def export_savedmodel(model, front, spec: DatasetSpec, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write a SavedModel at `path` atomically (temp dir + rename); returns `path`."""
+def write_warmup_requests(path: Path, examples: list[bytes], batch: int = 8, model_name: str = "mdmt") -> None:
+    """A TFRecord of PredictionLog: `serving_default` requests on real serialized examples."""
+    from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for start in range(0, len(examples), batch):
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(name=model_name, signature_name="serving_default"))
+            request.inputs["examples"].CopyFrom(tf.make_tensor_proto(examples[start:start + batch], dtype=tf.string))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def export_savedmodel(model, front, spec: DatasetSpec, path: str | Path, metadata: dict | None = None,
+                      warmup_examples: list[bytes] | None = None) -> Path:
+    """Write a SavedModel at `path` atomically (temp dir + rename); returns `path`.
+
+    warmup_examples: serialized tf.Examples for assets.extra/tf_serving_warmup_requests.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -88,6 +108,13 @@ def export_savedmodel(model, front, spec: DatasetSpec, path: str | Path, metadat
     info = {"spec": spec.to_dict(), "tasks": list(spec.tasks), **(metadata or {})}
     (extra / METADATA).write_text(json.dumps(info, indent=1))
     spec.to_yaml(extra / "spec.yaml")
+    if warmup_examples:
+        write_warmup_requests(extra / "tf_serving_warmup_requests", list(warmup_examples))
+    _move_into_place(tmp, path)
+    return path
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
     if path.exists():
         old = path.parent / f".{path.name}.old-{os.getpid()}"
         path.rename(old)
@@ -95,7 +122,34 @@ def export_savedmodel(model, front, spec: DatasetSpec, path: str | Path, metadat
         shutil.rmtree(old)
     else:
         tmp.rename(path)
-    return path
+
+
+def versions(base_path: str | Path) -> list[int]:
+    """The numbered version directories of a TF Serving base path, ascending."""
+    base = Path(base_path)
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def publish_version(model_dir: str | Path, base_path: str | Path, version: int | None = None) -> Path:
+    """Copy a SavedModel into `base_path/<version>` (default: the next number) atomically."""
+    from mdmt_tf.errors import ConfigError
+
+    model_dir, base = Path(model_dir), Path(base_path)
+    if not (model_dir / "saved_model.pb").exists():
+        raise ConfigError(f"{model_dir} is not a SavedModel directory (no saved_model.pb)")
+    existing = versions(base)
+    version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    if version in existing:
+        raise ConfigError(f"{base}/{version} exists already; versions present: {existing}")
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = base / f".{version}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(model_dir, tmp)
+    tmp.rename(base / str(version))  # atomic on one filesystem: a poller sees all or nothing
+    return base / str(version)
 
 
 def read_metadata(model_dir: str | Path) -> dict:

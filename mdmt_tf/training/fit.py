@@ -330,7 +330,10 @@ class Run:
         if self.save_predictions:
             np.savez_compressed(out / "test_predictions.npz", **predictions["test"])
         if self.export:
-            export_savedmodel(serving, enc.front, enc.spec, out / "model",
+            from mdmt_tf.data.readers import example_bytes
+
+            warmup = example_bytes(self.data.splits.val.head(32), enc.spec, with_labels=False)
+            export_savedmodel(serving, enc.front, enc.spec, out / "model", warmup_examples=warmup,
                               metadata={"model": self.model_config.to_dict(), "domains": domains})
         payload = {
             "model": self.model_config.name,

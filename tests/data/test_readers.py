@@ -210,3 +210,17 @@ def test_directory_split_rejects_a_split_option(csv_dir, small_synthetic):
     spec, _ = small_synthetic
     with pytest.raises(DataError, match="used as given"):
         read_csv(csv_dir, spec, split="temporal:ts")
+
+
+def test_features_file_without_labels(tmp_path, small_synthetic):
+    from mdmt_tf.data.readers import read_features_file
+
+    spec, table = small_synthetic
+    write_csv(table.head(20).drop(columns=["click", "like"]), tmp_path / "score.csv")
+    rows = read_features_file(tmp_path / "score.csv", spec)
+    assert len(rows) == 20 and "click" not in rows and list(rows["user_id"]) == list(table["user_id"].head(20))
+    write_tfrecord(table.head(5), tmp_path / "score.tfrecord", spec)
+    assert len(read_features_file(tmp_path / "score.tfrecord", spec)) == 5
+    _write(tmp_path / "bad.csv", "domain_id,user_id\n0,u1\n")
+    with pytest.raises(DataError, match="'item_id'"):
+        read_features_file(tmp_path / "bad.csv", spec)
