@@ -61,7 +61,7 @@ def train_config_from_args(args):
                        arch_learning_rate=args.arch_lr, arch_mode=args.arch_mode, arch_period=args.arch_period,
                        arch_data=args.arch_data, patience=args.patience, seed=args.seed,
                        task_weights=tuple(sorted(weights.items())), loss_reduction=args.loss_reduction,
-                       strategy=args.strategy, mamdr=mamdr, mixed_precision=args.mixed_precision,
+                       strategy=args.strategy, mamdr=mamdr, precision=args.precision,
                        jit_compile=args.jit, min_count=args.min_count)
 
 
@@ -130,7 +130,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mamdr-inner-optimizer", default="adam", choices=("adam", "sgd"))
     p.add_argument("--mamdr-scope", default="dense", choices=("dense", "all"))
     p.add_argument("--min-count", type=int, default=1, help="ids seen fewer times in training go to the OOV bucket")
-    p.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16 compute (AVX-512 BF16)")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
+                   help="'auto': mixed_bfloat16 on CPUs with native bfloat16 (AVX512_BF16/AMX), else float32")
     p.add_argument("--jit", action="store_true", help="XLA-compile the training steps")
 
 
