@@ -305,6 +305,7 @@ class Run:
     def _run(self) -> dict:
         c, out = self.config, self.out
         enc = EncodedData.from_data(self.data)
+        # training runs under the configured precision; evaluation and export in float32
         model = build_model(self.model_config, enc.schema)
         trainer, train_ds, steps_per_epoch, examples_per_step = self._trainer(model, enc)
         trainer.compile()
@@ -336,7 +337,22 @@ class Run:
             trainer.fit(train_ds, epochs=c.epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
                         callbacks=callbacks, verbose=self.verbose, shuffle=False)
         best_epoch = stopper.restore_best()
+        if keras.mixed_precision.global_policy().name != "float32":
+            model, serving = self._float32_copy(model, trainer, enc)
         return self._finish(model, serving, enc, stopper.state, best_epoch, trajectory.points, timer)
+
+    def _float32_copy(self, model, trainer, enc: EncodedData):
+        """The trained weights in a float32 model: evaluation and the exported SavedModel
+        then give the same numbers in every graph and batch size (bfloat16 rounding
+        depends on how a matmul is blocked)."""
+        keras.mixed_precision.set_global_policy("float32")
+        copy = build_model(self.model_config, enc.schema)
+        copy.set_weights(model.get_weights())
+        if isinstance(trainer, MAMDRTrainer) and trainer.use_dr:
+            from mdmt_tf.training.mamdr import DomainSpecificModel
+
+            return copy, DomainSpecificModel(copy, trainer.deltas)
+        return copy, copy
 
     def _finish(self, model, serving, enc: EncodedData, state, best_epoch, trajectory, timer) -> dict:
         from mdmt_tf.export.savedmodel import export_savedmodel
