@@ -6,7 +6,7 @@ SHELL := /bin/bash
 .DEFAULT_GOAL := help
 VENV_BIN = $(shell scripts/setup_venv.sh --print-path)/bin
 PY = PYTHONPATH=$(CURDIR) $(VENV_BIN)/python
-RUN_DIR ?= runs/main
+RUN_DIR ?= runs/pipeline
 PYTEST_ARGS ?=
 
 .PHONY: help setup venv run test lock
@@ -23,7 +23,7 @@ venv: setup
 	@echo $(VENV_BIN)
 
 run: setup
-	$(PY) -m mdmt_tf train --model m3oe --data synthetic --out $(RUN_DIR)
+	$(PY) -m mdmt_tf pipeline run --runner local --data synthetic --root $(RUN_DIR)
 
 test: setup
 	@PYTHONPATH=$(CURDIR) scripts/run_tests.sh $(VENV_BIN)/python $(PYTEST_ARGS)

@@ -49,6 +49,14 @@ class FeatureFront(keras.layers.Layer):
 
         return cls(spec=spec.to_dict(), vocab=dataclasses.asdict(vocab), **kwargs)
 
+    @property
+    def raw_types(self) -> dict:
+        """The raw input of each feature: domain and sparse values as strings, dense as float32."""
+        types = {self.spec.domain: tf.string}
+        types.update({n: tf.string for n in self.spec.sparse})
+        types.update({n: tf.float32 for n in self.spec.dense})
+        return types
+
     def build(self, input_shape=None):
         pass  # lookups carry their vocabularies; nothing to create
 

@@ -9,13 +9,12 @@ import argparse
 import os
 import sys
 
-from mdmt_tf.cli import bench, data, train
+from mdmt_tf.cli import bench, data, pipeline, train
 from mdmt_tf.errors import MdmtError
 
 # Verbs that are planned but not built yet: name -> (what it will do, where it is planned).
 PLANNED: dict[str, tuple[str, str]] = {
     "tune": ("Keras Tuner search over a model family", "issue #7"),
-    "pipeline": ("run or compile the TFX pipeline (local / Kubeflow)", "issue #5"),
     "serve": ("local TF Serving stand-in (REST + gRPC) for development", "issue #6"),
     "predict": ("score a CSV/TFRecord with a server or a SavedModel", "issue #6"),
 }
@@ -34,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mdmt", description="mdmt_tf: multi-domain multi-task recommendation on TensorFlow/Keras + TFX.")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    for module in (data, train, bench):
+    for module in (data, train, pipeline, bench):
         module.add_parsers(verbs)
 
     for verb, (what, where) in PLANNED.items():

@@ -3,12 +3,13 @@
 Signatures (inputs and outputs keyed by name):
   serving_default  examples: serialized tf.train.Example [batch] (string)
                    -> {task: probability [batch] (float32)}
-                   Features: the domain and sparse features as bytes (a missing sparse
-                   feature means the OOV bucket), dense features as float; labels, if
-                   present, are ignored.
-  predict_raw      one [batch] tensor per raw feature (domain / sparse: string, dense:
-                   float32) -> the same outputs. For JSON clients that don't build
-                   tf.Examples.
+                   Each feature typed as the front expects (`raw_types` in mdmt.json): for
+                   `mdmt train` models the domain and sparse features as bytes and dense ones
+                   as float; for pipeline models the types ExampleGen gave the columns. A
+                   missing sparse feature means the OOV bucket; labels, if present, are
+                   ignored.
+  predict_raw      one [batch] tensor per raw feature, same types -> the same outputs. For
+                   JSON clients that don't build tf.Examples.
 An unknown domain value fails with InvalidArgument naming the domain column.
 
 `assets.extra/mdmt.json` records the spec, the model config, the domains and tasks, so a
@@ -33,17 +34,20 @@ from mdmt_tf.spec import DatasetSpec
 METADATA = "mdmt.json"
 
 
-def raw_input_specs(spec: DatasetSpec) -> dict[str, tf.TensorSpec]:
-    specs = {spec.domain: tf.TensorSpec([None], tf.string, name=spec.domain)}
-    specs.update({n: tf.TensorSpec([None], tf.string, name=n) for n in spec.sparse})
-    specs.update({n: tf.TensorSpec([None], tf.float32, name=n) for n in spec.dense})
-    return specs
+def raw_input_specs(spec: DatasetSpec, raw_types: dict) -> dict[str, tf.TensorSpec]:
+    """One [batch] TensorSpec per raw feature, typed as the front expects."""
+    return {n: tf.TensorSpec([None], raw_types[n], name=n) for n in spec.features}
 
 
-def example_parse_spec(spec: DatasetSpec) -> dict:
-    parse = {spec.domain: tf.io.FixedLenFeature([], tf.string)}
-    parse.update({n: tf.io.FixedLenFeature([], tf.string, default_value="") for n in spec.sparse})
-    parse.update({n: tf.io.FixedLenFeature([], tf.float32) for n in spec.dense})
+def example_parse_spec(spec: DatasetSpec, raw_types: dict) -> dict:
+    """tf.Example parsing: every feature required except sparse ones (missing -> OOV)."""
+    parse = {}
+    for name in spec.features:
+        dtype = raw_types[name]
+        if name in spec.sparse:
+            parse[name] = tf.io.FixedLenFeature([], dtype, default_value="" if dtype == tf.string else -1)
+        else:
+            parse[name] = tf.io.FixedLenFeature([], dtype)
     return parse
 
 
@@ -54,8 +58,9 @@ class ServingModule(tf.Module):
         super().__init__(name="mdmt_serving")
         self.model, self.front, self.spec = model, front, spec
         self.tasks = tuple(spec.tasks)
-        parse_spec = example_parse_spec(spec)
-        raw_specs = raw_input_specs(spec)
+        self.raw_types = dict(front.raw_types)
+        parse_spec = example_parse_spec(spec, self.raw_types)
+        raw_specs = raw_input_specs(spec, self.raw_types)
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
         def serve_examples(examples):
@@ -105,7 +110,8 @@ def export_savedmodel(model, front, spec: DatasetSpec, path: str | Path, metadat
     tf.saved_model.save(module, str(tmp), signatures=module.signatures())
     extra = tmp / "assets.extra"
     extra.mkdir(exist_ok=True)
-    info = {"spec": spec.to_dict(), "tasks": list(spec.tasks), **(metadata or {})}
+    info = {"spec": spec.to_dict(), "tasks": list(spec.tasks),
+            "raw_types": {n: tf.as_dtype(t).name for n, t in module.raw_types.items()}, **(metadata or {})}
     (extra / METADATA).write_text(json.dumps(info, indent=1))
     spec.to_yaml(extra / "spec.yaml")
     if warmup_examples:

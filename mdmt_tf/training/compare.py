@@ -17,7 +17,7 @@ import numpy as np
 from mdmt_tf.data.dataset import MDMTData
 from mdmt_tf.models import ModelConfig
 from mdmt_tf.training.evaluation import auc_by_group, evaluate, relative_feedback_groups
-from mdmt_tf.training.fit import Run, TrainConfig
+from mdmt_tf.training.fit import EncodedData, Run, TrainConfig
 
 POPULARITY = "popularity"
 
@@ -70,11 +70,12 @@ class Comparison:
                                                                 domains, tasks)]}
         predictions: dict[str, list[dict]] = {POPULARITY: [popularity_predictions(data)]}
         timing: dict[str, list[float]] = {}
+        encoded = EncodedData.from_data(data)  # once for every run
         for model in self.models:
             for seed in range(self.seeds):
                 run_dir = self.out / "runs" / model.name / f"seed{seed}"
                 print(f"[compare] {model.name} seed {seed} -> {run_dir}", flush=True)
-                payload = Run(model, data, dataclasses.replace(self.config, seed=seed), run_dir, source=self.source,
+                payload = Run(model, encoded, dataclasses.replace(self.config, seed=seed), run_dir, source=self.source,
                               verbose=self.verbose, export=False, plots=False, save_predictions=True).run()
                 results.setdefault(model.name, []).append(payload["test"])
                 timing.setdefault(model.name, []).append(payload["train_seconds"])

@@ -136,24 +136,31 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class EncodedData:
-    """The splits as model inputs (ids / scaled floats), labels and domain indices."""
+    """The splits as model inputs (ids / scaled floats), labels and domain indices, with the
+    preprocessing front that produced them (exported in front of the model) and a few raw
+    serialized examples (TF Serving warmup)."""
 
     spec: Any
-    vocab: Any
-    front: FeatureFront
+    domains: list
+    front: Any
     schema: FeatureSchema
     features: dict
     labels: dict
     domain: dict
+    warmup: list
 
     @classmethod
     def from_data(cls, data: MDMTData) -> "EncodedData":
+        """The library path: Keras lookup front built from the training split."""
+        from mdmt_tf.data.readers import example_bytes
+
         front = FeatureFront.from_data(data.spec, data.vocab)
         features = {s: encode(front, data.raw_features(s)) for s in ("train", "val", "test")}
         labels = {s: data.labels(s) for s in ("train", "val", "test")}
         domain = {s: features[s][data.spec.domain] for s in ("train", "val", "test")}
-        return cls(data.spec, data.vocab, front, FeatureSchema.from_data(data.spec, data.vocab), features, labels,
-                   domain)
+        warmup = example_bytes(data.splits.val.head(32), data.spec, with_labels=False)
+        return cls(data.spec, list(data.vocab.domains), front, FeatureSchema.from_data(data.spec, data.vocab),
+                   features, labels, domain, warmup)
 
     def rows(self, split: str) -> int:
         return len(self.domain[split])
@@ -224,11 +231,15 @@ def _details(model, features: dict, batch_size: int) -> dict:
 class Run:
     """One training run in one directory (see the module doc)."""
 
-    def __init__(self, model_config: ModelConfig, data: MDMTData, config: TrainConfig, out_dir: str | Path,
-                 source: str = "", verbose: int | None = None, callbacks=(), export: bool = True,
-                 plots: bool = True, save_predictions: bool = False):
-        self.model_config, self.data, self.config = model_config, data, config
+    def __init__(self, model_config: ModelConfig, data: "MDMTData | EncodedData", config: TrainConfig,
+                 out_dir: str | Path, source: str = "", verbose: int | None = None, callbacks=(),
+                 export: bool = True, plots: bool = True, save_predictions: bool = False,
+                 model_dir: str | Path | None = None):
+        self.model_config, self.config = model_config, config
+        self.encoded = data if isinstance(data, EncodedData) else None
+        self.data = None if self.encoded is not None else data
         self.out = Path(out_dir)
+        self.model_dir = Path(model_dir) if model_dir is not None else self.out / "model"
         self.source = source
         self.export, self.plots, self.save_predictions = export, plots, save_predictions
         self.verbose = verbose if verbose is not None else (1 if sys.stdout.isatty() else 2)
@@ -304,14 +315,14 @@ class Run:
 
     def _run(self) -> dict:
         c, out = self.config, self.out
-        enc = EncodedData.from_data(self.data)
+        enc = self.encoded if self.encoded is not None else EncodedData.from_data(self.data)
         # training runs under the configured precision; evaluation and export in float32
         model = build_model(self.model_config, enc.schema)
         trainer, train_ds, steps_per_epoch, examples_per_step = self._trainer(model, enc)
         trainer.compile()
         serving = trainer.serving_model() if isinstance(trainer, MAMDRTrainer) else model
         validation = ValidationMetrics(predictor(serving, c.eval_batch_size), enc.features["val"],
-                                       enc.labels["val"], enc.domain["val"], enc.vocab.domains, enc.spec.tasks)
+                                       enc.labels["val"], enc.domain["val"], enc.domains, enc.spec.tasks)
         trajectory = ArchitectureTrajectory(lambda: model)
         timer = _Timer(examples_per_step)
         stopper = ResumableEarlyStopping(
@@ -361,16 +372,13 @@ class Run:
 
         c, out = self.config, self.out
         predict = predictor(serving, c.eval_batch_size)
-        domains, tasks = enc.vocab.domains, list(enc.spec.tasks)
+        domains, tasks = enc.domains, list(enc.spec.tasks)
         predictions = {s: predict(enc.features[s]) for s in ("val", "test")}
         results = {s: evaluate(predictions[s], enc.labels[s], enc.domain[s], domains, tasks) for s in predictions}
         if self.save_predictions:
             np.savez_compressed(out / "test_predictions.npz", **predictions["test"])
         if self.export:
-            from mdmt_tf.data.readers import example_bytes
-
-            warmup = example_bytes(self.data.splits.val.head(32), enc.spec, with_labels=False)
-            export_savedmodel(serving, enc.front, enc.spec, out / "model", warmup_examples=warmup,
+            export_savedmodel(serving, enc.front, enc.spec, self.model_dir, warmup_examples=enc.warmup,
                               metadata={"model": self.model_config.to_dict(), "domains": domains})
         payload = {
             "model": self.model_config.name,
@@ -397,6 +405,7 @@ class Run:
         return payload
 
 
-def train(model_config: ModelConfig, data: MDMTData, config: TrainConfig, out_dir, **kwargs) -> dict:
+def train(model_config: ModelConfig, data: "MDMTData | EncodedData", config: TrainConfig, out_dir,
+          **kwargs) -> dict:
     """Train, evaluate, export and report; returns the metrics.json payload."""
     return Run(model_config, data, config, out_dir, **kwargs).run()

@@ -1,0 +1,154 @@
+"""Training on TFX artifacts: raw examples + a Transform graph (used by components/module.py).
+
+The pipeline's Trainer reads the raw examples of ExampleGen and applies the Transform
+graph itself (`TransformFront`), in training and in the exported SavedModel alike, so
+what is served is exactly what was trained. This module imports tensorflow-transform,
+never TFX: the TFX module file converts its `fn_args` into the plain arguments of
+`train_from_artifacts`.
+
+The splits are loaded into memory (as in `mdmt train`); data that does not fit needs a
+streaming input path, which this version does not have.
+"""
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from mdmt_tf.models import FeatureSchema, ModelConfig
+from mdmt_tf.spec import DatasetSpec
+from mdmt_tf.transform import DOMAIN_VOCABULARY
+
+
+class TransformFront(tf.Module):
+    """Raw features (typed as ExampleGen typed them) -> model inputs via the Transform graph.
+
+    An unknown domain value fails with InvalidArgument naming the domain column, like the
+    library's FeatureFront.
+    """
+
+    def __init__(self, transform_output_dir: str, spec: DatasetSpec, domains: list[str]):
+        super().__init__(name="transform_front")
+        import tensorflow_transform as tft
+
+        output = tft.TFTransformOutput(transform_output_dir)
+        self.tft_layer = output.transform_features_layer()
+        self.spec, self.domains = spec, list(domains)
+        self._raw_spec = {k: v for k, v in output.raw_feature_spec().items() if k in spec.features}
+
+    @property
+    def raw_types(self) -> dict:
+        return {name: feature.dtype for name, feature in self._raw_spec.items()}
+
+    def __call__(self, raw: dict) -> dict:
+        inputs = {}
+        for name, feature in self._raw_spec.items():
+            value = tf.reshape(raw[name], [-1])
+            if isinstance(feature, tf.io.FixedLenFeature):
+                value = tf.reshape(value, [-1, *feature.shape])  # e.g. [batch, 1] from infer_feature_shape
+            elif isinstance(feature, tf.io.VarLenFeature):  # a sparse raw feature: one value per row
+                rows = tf.range(tf.shape(value, out_type=tf.int64)[0])
+                value = tf.SparseTensor(tf.stack([rows, tf.zeros_like(rows)], 1), value,
+                                        tf.stack([tf.shape(value, out_type=tf.int64)[0], 1]))
+            inputs[name] = value
+        out = self.tft_layer(inputs)
+        spec = self.spec
+        domain = tf.cast(tf.reshape(out[spec.domain], [-1]), tf.int32)
+        check = tf.debugging.assert_non_negative(
+            domain, message=f"unknown value of domain column '{spec.domain}'; known values: {self.domains}")
+        with tf.control_dependencies([check]):
+            encoded = {spec.domain: tf.identity(domain)}
+        for name in spec.sparse:
+            encoded[name] = tf.cast(tf.reshape(out[name], [-1]), tf.int32)
+        for name in spec.dense:
+            encoded[name] = tf.cast(tf.reshape(out[name], [-1]), tf.float32)
+        return encoded
+
+
+def domain_list(spec: DatasetSpec, transform_output_dir: str) -> list[str]:
+    import tensorflow_transform as tft
+
+    if spec.domains is not None:
+        return list(spec.domains)
+    vocab = tft.TFTransformOutput(transform_output_dir).vocabulary_by_name(DOMAIN_VOCABULARY)
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in vocab]
+
+
+def feature_schema(spec: DatasetSpec, transform_output_dir: str, domains: list[str]) -> FeatureSchema:
+    import tensorflow_transform as tft
+
+    output = tft.TFTransformOutput(transform_output_dir)
+    sizes = tuple((name, output.vocabulary_size_by_name(name) + 1) for name in spec.sparse)
+    return FeatureSchema(domain=spec.domain, domains=tuple(domains), tasks=spec.tasks, sparse=sizes,
+                         dense=spec.dense)
+
+
+def _files(patterns) -> list[str]:
+    out = []
+    for pattern in ([patterns] if isinstance(patterns, str) else patterns):
+        found = sorted(glob.glob(pattern)) or sorted(glob.glob(str(Path(pattern) / "*")))
+        out.extend(found)
+    return out
+
+
+def read_split(files, transform_output_dir: str, spec: DatasetSpec, batch_size: int = 8192):
+    """Raw TFRecord examples -> (model inputs, labels, first serialized examples)."""
+    import tensorflow_transform as tft
+
+    output = tft.TFTransformOutput(transform_output_dir)
+    raw_spec = output.raw_feature_spec()
+    layer = output.transform_features_layer()
+    records = tf.data.TFRecordDataset(_files(files), compression_type="GZIP").batch(batch_size)
+    parts: dict[str, list] = {}
+    first: list[bytes] = []
+    for serialized in records:
+        if not first:
+            first = [bytes(x) for x in serialized.numpy()[:32]]
+        out = layer(tf.io.parse_example(serialized, raw_spec))
+        for name in (*spec.features, *spec.tasks):
+            parts.setdefault(name, []).append(np.asarray(out[name]).reshape(-1))
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    features = {spec.domain: arrays[spec.domain].astype(np.int32)}
+    features.update({n: arrays[n].astype(np.int32) for n in spec.sparse})
+    features.update({n: arrays[n].astype(np.float32) for n in spec.dense})
+    labels = {t: arrays[t].astype(np.float32) for t in spec.tasks}
+    return features, labels, first
+
+
+def encoded_from_artifacts(train_files, eval_files, transform_output_dir: str, spec: DatasetSpec):
+    """EncodedData for the Trainer: train and eval splits (eval doubles as the run's test
+    split; the Evaluator scores the held-out test split)."""
+    from mdmt_tf.training.fit import EncodedData
+
+    domains = domain_list(spec, transform_output_dir)
+    train = read_split(train_files, transform_output_dir, spec)
+    evaluation = read_split(eval_files, transform_output_dir, spec)
+    features = {"train": train[0], "val": evaluation[0], "test": evaluation[0]}
+    labels = {"train": train[1], "val": evaluation[1], "test": evaluation[1]}
+    domain = {s: features[s][spec.domain] for s in features}
+    return EncodedData(spec=spec, domains=domains, front=TransformFront(transform_output_dir, spec, domains),
+                       schema=feature_schema(spec, transform_output_dir, domains), features=features,
+                       labels=labels, domain=domain, warmup=evaluation[2])
+
+
+def train_from_artifacts(*, train_files, eval_files, transform_output_dir: str, serving_model_dir: str,
+                         run_dir: str, spec: dict, model: dict, train: dict, hyperparameters: dict | None = None,
+                         source: str = "tfx") -> dict:
+    """Train a model on the pipeline's artifacts and export it to `serving_model_dir`.
+
+    spec: DatasetSpec as a dict; model: ModelConfig as a dict (hyperparameters, e.g. the
+    Tuner's best, override its params); train: TrainConfig fields. Writes the run's
+    checkpoints, metrics.json and plots to `run_dir`; returns the metrics.json payload.
+    """
+    from mdmt_tf.training.fit import Run, TrainConfig
+
+    dataset_spec = DatasetSpec.from_dict(spec)
+    model_config = ModelConfig.from_dict(model)
+    if hyperparameters:
+        model_config = ModelConfig(model_config.name, {**model_config.params, **hyperparameters})
+    encoded = encoded_from_artifacts(train_files, eval_files, transform_output_dir, dataset_spec)
+    run = Run(model_config, encoded, TrainConfig.from_dict(train), run_dir, source=source, verbose=2,
+              model_dir=serving_model_dir)
+    return run.run()

@@ -1,0 +1,149 @@
+"""The TFX pipeline end to end on small data (LocalDagRunner, Beam in_memory)."""
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from tests.pipeline.conftest import make_config
+
+pytestmark = pytest.mark.slow
+
+COMPONENTS = ["CsvExampleGen", "StatisticsGen", "SchemaGen", "SchemaCurator", "ExampleValidator", "AnomalyGate",
+              "Transform", "Trainer", "Evaluator", "Pusher"]
+
+
+def _executions(metadata_path):
+    from pipeline.results import store_for
+
+    store = store_for(metadata_path)
+    counts = {}
+    for execution in store.get_executions():
+        node = execution.custom_properties.get("__tfx_node_id__")
+        name = node.string_value if node is not None else execution.type
+        counts[name.rsplit(".", 1)[-1]] = counts.get(name.rsplit(".", 1)[-1], 0) + 1
+    return counts
+
+
+def _versions(config):
+    return sorted(p for p in Path(config.serving_dir).iterdir() if p.name.isdigit())
+
+
+def _examples(csv_path, raw_types, rows=40):
+    """Serialized tf.Examples from CSV rows, typed as the model's raw schema says."""
+    from tensorflow.core.example import example_pb2, feature_pb2
+
+    table = pd.read_csv(csv_path, dtype=str).head(rows)
+    out = []
+    for record in table.to_dict("records"):
+        feature = {}
+        for name, dtype in raw_types.items():
+            value = record[name]
+            if dtype == "string":
+                feature[name] = feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[value.encode()]))
+            elif dtype == "int64":
+                feature[name] = feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[int(float(value))]))
+            else:
+                feature[name] = feature_pb2.Feature(float_list=feature_pb2.FloatList(value=[float(value)]))
+        out.append(example_pb2.Example(features=feature_pb2.Features(feature=feature)).SerializeToString())
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_run(pipeline_data, tmp_path_factory):
+    from pipeline.local_runner import run
+
+    data_root, spec = pipeline_data
+    tmp = tmp_path_factory.mktemp("pipeline_run")
+    config = make_config(tmp, data_root, spec)
+    return config, run(config)
+
+
+def test_every_component_runs_once_and_a_model_is_pushed(first_run, pipeline_data):
+    config, summary = first_run
+    counts = _executions(config.metadata_path)
+    for component in COMPONENTS:
+        assert counts.get(component) == 1, (component, counts)
+    assert summary.blessed is True and summary.pushed_to
+    versions = _versions(config)
+    assert len(versions) == 1 and (versions[0] / "saved_model.pb").exists()
+    assert {f"{d}/{t}" for d in ("0", "1", "2") for t in ("click", "like")} <= set(summary.auc)
+
+    loaded = tf.saved_model.load(str(versions[0]))
+    meta = json.loads((versions[0] / "assets.extra" / "mdmt.json").read_text())
+    assert set(loaded.signatures) >= {"serving_default", "predict_raw"}
+    examples = _examples(pipeline_data[0] / "test.csv", meta["raw_types"])
+    out = loaded.signatures["serving_default"](examples=tf.constant(examples))
+    for task in ("click", "like"):
+        p = out[task].numpy()
+        assert p.shape == (40,) and ((p > 0) & (p < 1)).all()
+    assert (versions[0] / "assets.extra" / "tf_serving_warmup_requests").exists()
+
+
+def test_a_model_below_the_threshold_is_not_pushed(first_run):
+    from pipeline.local_runner import run
+
+    config, _ = first_run
+    strict = dataclasses.replace(config, auc_floor=0.99)
+    summary = run(strict)
+    assert summary.blessed is False and summary.pushed_to is None
+    assert len(_versions(config)) == 1  # the earlier push stays, nothing new
+
+
+def test_anomalies_stop_the_run_before_training(first_run, pipeline_data, tmp_path):
+    from pipeline.local_runner import run
+    from pipeline.schema_rules import DataAnomaliesError
+
+    config, _ = first_run
+    data_root, spec = pipeline_data
+    bad = tmp_path / "bad"
+    shutil.copytree(data_root, bad)
+    train = pd.read_csv(bad / "train.csv", dtype=str)
+    train.loc[5, "like"] = "2"  # a label outside {0, 1}
+    train.to_csv(bad / "train.csv", index=False)
+    before = _executions(config.metadata_path)
+    with pytest.raises(Exception) as err:
+        run(dataclasses.replace(config, data_root=str(bad), auc_floor=0.5))
+    chain, e = [], err.value
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    anomaly = next(e for e in chain if type(e).__name__ == DataAnomaliesError.__name__)
+    assert "feature 'like'" in str(anomaly) and "split 'train'" in str(anomaly)
+    after = _executions(config.metadata_path)
+    assert after.get("Trainer") == before.get("Trainer")  # no training
+    assert after.get("Pusher") == before.get("Pusher")
+    assert len(_versions(config)) == 1  # the previously pushed model stays
+
+
+def test_kubeflow_compile_names_every_component(pipeline_data, tmp_path):
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    from pipeline.kubeflow_runner import compile_pipeline
+
+    data_root, spec = pipeline_data
+    config = make_config(tmp_path, data_root, spec)
+    path = compile_pipeline(config, tmp_path / "kfp" / "pipeline.json", image="example.com/mdmt:test")
+    job = json.loads(path.read_text())
+    parsed = json_format.ParseDict(job["pipelineSpec"], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=True)
+    tasks = set(parsed.root.dag.tasks)
+    for component in COMPONENTS:
+        assert component in tasks
+    assert "example.com/mdmt:test" in path.read_text()
+
+
+@pytest.mark.ml100k
+def test_pipeline_on_movielens(ml100k_dir, tmp_path):
+    from mdmt_tf.cli.pipeline import prepare_data
+    from pipeline.local_runner import run
+
+    data_root, spec = prepare_data(f"ml100k:{ml100k_dir}", tmp_path, None)
+    config = make_config(tmp_path, data_root, spec, train={"epochs": 2, "batch_size": 1024, "patience": 2})
+    summary = run(config)
+    assert {"<25/click", "25-34/like", ">=35/click"} <= set(summary.auc)
+    assert summary.auc["(all)/click"] > 0.6
+    assert summary.blessed is True and summary.pushed_to
