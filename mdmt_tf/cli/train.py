@@ -22,28 +22,33 @@ def _key_values(items: list[str] | None, flag: str) -> dict:
     return out
 
 
+def _hparams_file(args) -> dict:
+    path = Path(args.hparams)
+    if not path.exists():
+        raise ConfigError(f"--hparams file {path} does not exist")
+    try:
+        loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"--hparams {path}: cannot parse: {err}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--hparams {path} must hold a mapping of hyper-parameters")
+    return loaded
+
+
 def model_config_from_args(args):
-    """--model NAME, --hparams FILE (a model config or a flat dict of hyper-parameters,
-    e.g. a tuner's best), --param KEY=VALUE overrides."""
+    """--model NAME, --hparams FILE (a model config {name, params[, train]} as `mdmt tune`
+    writes, or a flat dict of hyper-parameters), --param KEY=VALUE overrides."""
     from mdmt_tf.models import ModelConfig
 
     name, params = args.model, {}
     if args.hparams:
-        path = Path(args.hparams)
-        if not path.exists():
-            raise ConfigError(f"--hparams file {path} does not exist")
-        try:
-            loaded = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
-        except (json.JSONDecodeError, yaml.YAMLError) as err:
-            raise ConfigError(f"--hparams {path}: cannot parse: {err}") from None
-        if isinstance(loaded, dict) and "name" in loaded:
+        loaded = _hparams_file(args)
+        if "name" in loaded:
             if name and name != loaded["name"]:
-                raise ConfigError(f"--model {name} contradicts --hparams {path} (model {loaded['name']!r})")
+                raise ConfigError(f"--model {name} contradicts --hparams {args.hparams} (model {loaded['name']!r})")
             name, params = loaded["name"], dict(loaded.get("params") or {})
-        elif isinstance(loaded, dict):
-            params = dict(loaded.get("params", loaded))
         else:
-            raise ConfigError(f"--hparams {path} must hold a mapping of hyper-parameters")
+            params = dict(loaded.get("params", loaded))
     if not name:
         raise ConfigError("--model NAME is required (or a --hparams file that names the model)")
     params.update(_key_values(args.param, "--param"))
@@ -54,11 +59,18 @@ def train_config_from_args(args):
     from mdmt_tf.training.fit import MAMDRConfig, TrainConfig
 
     weights = {k: float(v) for k, v in _key_values(args.task_weight, "--task-weight").items()}
+    tuned = dict(_hparams_file(args).get("train") or {}) if getattr(args, "hparams", None) else {}
+
+    def pick(flag, key, default):  # an explicit flag, else the tuned value, else the default
+        value = getattr(args, flag)
+        return value if value is not None else tuned.get(key, default)
+
     mamdr = MAMDRConfig(inner_lr=args.mamdr_inner_lr, outer_lr=args.mamdr_outer_lr, dr_lr=args.mamdr_dr_lr,
                         k=args.mamdr_k, inner_steps=args.mamdr_inner_steps,
                         inner_optimizer=args.mamdr_inner_optimizer, scope=args.mamdr_scope)
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                       arch_learning_rate=args.arch_lr, arch_mode=args.arch_mode, arch_period=args.arch_period,
+    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=pick("lr", "learning_rate", 1e-3),
+                       arch_learning_rate=pick("arch_lr", "arch_learning_rate", 3e-3),
+                       arch_mode=pick("arch_mode", "arch_mode", "bilevel"), arch_period=args.arch_period,
                        arch_data=args.arch_data, patience=args.patience, seed=args.seed,
                        task_weights=tuple(sorted(weights.items())), loss_reduction=args.loss_reduction,
                        strategy=args.strategy, mamdr=mamdr, precision=args.precision,
@@ -111,9 +123,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
-    p.add_argument("--lr", type=float, default=1e-3, help="weight learning rate (Adam)")
-    p.add_argument("--arch-mode", default="bilevel", choices=("bilevel", "joint", "fixed", "authors"))
-    p.add_argument("--arch-lr", type=float, default=3e-3, help="architecture learning rate (Adam)")
+    p.add_argument("--lr", type=float, default=None, help="weight learning rate (Adam; default 1e-3 or --hparams')")
+    p.add_argument("--arch-mode", default=None, choices=("bilevel", "joint", "fixed", "authors"),
+                   help="default bilevel (or --hparams')")
+    p.add_argument("--arch-lr", type=float, default=None, help="architecture learning rate (Adam; default 3e-3)")
     p.add_argument("--arch-period", type=int, default=1, help="an architecture step every N weight steps")
     p.add_argument("--arch-data", default="val", help="held-out stream: 'val' or 'holdout:FRACTION' of training")
     p.add_argument("--patience", type=int, default=3, help="epochs without val_mean_auc gain before stopping")

@@ -20,6 +20,11 @@ from pathlib import Path
 import numpy as np
 
 
+def clean(value):
+    """JSON/YAML-safe: numpy scalars and arrays to Python, NaN to None."""
+    return _clean(value)
+
+
 def _clean(value):
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}

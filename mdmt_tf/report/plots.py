@@ -125,3 +125,22 @@ def compare_bars(report: dict, path: Path) -> Path:
     ax.set_title("model comparison per (domain, task)")
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def tuner_objective(rows: list[dict], objective: str, path: Path) -> Path:
+    """The objective of each trial (failed trials marked) and the best so far."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(len(rows))
+    values = np.array([np.nan if r[objective] is None else r[objective] for r in rows], dtype=float)
+    ok = np.isfinite(values)
+    ax.plot(x[ok], values[ok], "o", label=objective)
+    best = np.fmax.accumulate(np.where(ok, values, -np.inf))
+    ax.plot(x, np.where(np.isfinite(best), best, np.nan), "-", label="best so far")
+    for i in x[~ok]:
+        ax.axvline(i, color="red", alpha=0.3)
+    ax.set_xticks(x, [r["trial"] for r in rows], rotation=90, fontsize=7)
+    ax.set_xlabel("trial (red: failed)")
+    ax.set_ylabel(objective)
+    ax.set_title("Keras Tuner search")
+    ax.legend()
+    return _save(fig, path)

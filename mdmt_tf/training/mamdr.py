@@ -97,6 +97,7 @@ class MAMDRTrainer(keras.Model):
         self.last_order = keras.Variable(ops.zeros((len(self.domain_ids),), "int32"), trainable=False,
                                          name="last_domain_order")
         self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.built = True  # every variable exists
 
     @property
     def metrics(self):

@@ -83,6 +83,7 @@ class MDMTTrainer(keras.Model):
             self._heldout = iter(heldout.repeat())
         self._weight_step = tf.function(self._weight_step_impl, jit_compile=jit_compile, reduce_retracing=True)
         self._arch_step = tf.function(self._arch_step_impl, jit_compile=jit_compile, reduce_retracing=True)
+        self.built = True  # every variable exists (the model builds itself); lets Keras save weights
 
     # ------------------------------------------------------------------ variables
     @property

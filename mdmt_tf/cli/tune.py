@@ -1,0 +1,56 @@
+"""`mdmt tune`: Keras Tuner search (standalone, resumable, optionally distributed)."""
+from __future__ import annotations
+
+import argparse
+import os
+
+from mdmt_tf.cli.data import add_data_flags
+from mdmt_tf.cli.train import _key_values, load_data
+
+
+def cmd_tune(args) -> int:
+    from mdmt_tf.training.fit import EncodedData, TrainConfig
+    from mdmt_tf.tuning.search import distributed_environment, run_search
+
+    if args.distributed:
+        os.environ.update(distributed_environment(args.distributed, args.oracle_ip, args.oracle_port,
+                                                  args.tuner_id))
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, patience=args.patience,
+                         precision=args.precision)
+    encoded = EncodedData.from_data(load_data(args))
+    best = run_search(args.model, encoded, config, args.out, kind=args.tuner, max_trials=args.max_trials,
+                      seed=args.seed, fixed=_key_values(args.fix, "--fix"), overwrite=args.overwrite,
+                      verbose=1 if args.verbose else 0)
+    if best is None:
+        print(f"worker {args.tuner_id}: done")
+        return 0
+    print((open(os.path.join(args.out, "trials.md")).read()))
+    print(f"best val_mean_auc {best['objective']['value']:.4f} (trial {best['objective']['trial']}): "
+          f"{best['params']} {best['train']}")
+    print(f"wrote {args.out}/best_hparams.yaml (use: mdmt train --hparams {args.out}/best_hparams.yaml ...), "
+          f"trials.csv, trials.md, objective.png")
+    return 0
+
+
+def add_parsers(verbs) -> None:
+    p = verbs.add_parser("tune", help="Keras Tuner search over a model family (objective val_mean_auc)",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True)
+    add_data_flags(p)
+    p.add_argument("--out", required=True, help="search directory; rerunning continues the search")
+    p.add_argument("--tuner", default="random", choices=("random", "bayesian", "hyperband"))
+    p.add_argument("--max-trials", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=10, help="epochs per trial (early stopping on val_mean_auc)")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"))
+    p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="pin a hyper-parameter of the space")
+    p.add_argument("--overwrite", action="store_true", help="start the search afresh")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--distributed", choices=("chief", "worker"), default=None,
+                   help="Keras Tuner distributed mode: the chief serves the oracle, workers run trials")
+    p.add_argument("--oracle-ip", default="127.0.0.1")
+    p.add_argument("--oracle-port", type=int, default=8000)
+    p.add_argument("--tuner-id", default=None, help="a worker's id (tuner0, tuner1, ...)")
+    p.set_defaults(func=cmd_tune)

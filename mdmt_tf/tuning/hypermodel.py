@@ -1,0 +1,201 @@
+"""MDMTHyperModel: a keras_tuner.HyperModel per registered model family.
+
+`build(hp)` returns the real trainer (MDMTTrainer, with the bi-level train_step for M3oE)
+around a model built from the sampled hyper-parameters; `fit` trains it with exact
+validation metrics and early stopping, and the objective is `val_mean_auc` (maximised),
+logged every epoch by mdmt_tf.training.callbacks.ValidationMetrics.
+
+Hyper-parameter names are the models' own (num_shared_experts, expert_units...), widths
+lists written "256,64"; training ones are prefixed "train." (train.learning_rate,
+train.arch_learning_rate, train.arch_mode). `split_values` turns a tuner's values back into
+(model params, training settings), the shape `mdmt train --hparams` reads.
+"""
+from __future__ import annotations
+
+import keras
+import keras_tuner as kt
+
+from mdmt_tf.data.dataset import make_dataset
+from mdmt_tf.errors import ConfigError
+from mdmt_tf.models import MODELS, ModelConfig, build_model
+from mdmt_tf.training.callbacks import ValidationMetrics
+from mdmt_tf.training.trainer import MDMTTrainer
+
+OBJECTIVE = "val_mean_auc"
+TRAIN_PREFIX = "train."
+UNIT_KEYS = ("expert_units", "tower_units", "bottom_units", "units", "star_units", "aux_units")
+
+
+def _units(hp, name: str, choices: list[str]) -> str:
+    return hp.Choice(name, choices)
+
+
+def _common(hp) -> None:
+    hp.Choice("embedding_dim", [8, 16, 32])
+    hp.Choice("embedding_l2", [0.0, 1e-6, 1e-5])
+
+
+def _m3oe(hp) -> None:
+    _common(hp)
+    hp.Choice("num_shared_experts", [2, 4, 8])
+    _units(hp, "expert_units", ["256,64", "128,32", "512,64"])
+    _units(hp, "tower_units", ["64", "32"])
+    hp.Choice("arch_granularity", ["scalar", "vector"])
+
+
+def _m3oe_family(hp) -> None:
+    _m3oe(hp)
+    hp.Choice("gating", ["softmax", "aftb"])
+
+
+def _stem(hp) -> None:
+    _common(hp)
+    hp.Choice("num_shared_experts", [1, 2, 4])
+    hp.Choice("num_task_experts", [1, 2])
+    _units(hp, "expert_units", ["256,64", "128,32"])
+
+
+def _mmoe(hp) -> None:
+    _common(hp)
+    hp.Int("num_experts", 2, 8, step=2)
+    _units(hp, "expert_units", ["256,64", "128,32", "512,64"])
+    _units(hp, "tower_units", ["64", "32"])
+
+
+def _ple(hp) -> None:
+    _common(hp)
+    hp.Choice("num_levels", [2, 3])
+    hp.Choice("num_task_experts", [1, 2])
+    hp.Choice("num_shared_experts", [1, 2, 4])
+    _units(hp, "expert_units", ["256,64", "128,32"])
+
+
+def _star(hp) -> None:
+    _common(hp)
+    _units(hp, "star_units", ["256,128,64", "128,64", "512,256"])
+
+
+def _pepnet(hp) -> None:
+    _common(hp)
+    _units(hp, "tower_units", ["128,64", "256,128,64", "64"])
+    hp.Choice("gate_hidden_units", [32, 64, 128])
+
+
+def _bottom(hp) -> None:
+    _common(hp)
+    _units(hp, "bottom_units", ["256,128", "512,256", "128"])
+
+
+def _mlp(hp) -> None:
+    _common(hp)
+    _units(hp, "units", ["256,128,64", "128,64", "512,256"])
+
+
+def _esmm(hp) -> None:
+    _common(hp)
+    _units(hp, "tower_units", ["128,64", "256,128", "64"])
+
+
+# model name -> the function declaring its search space (a read-only table)
+SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, "shared_bottom": _bottom,
+          "mmoe": _mmoe, "ple": _ple, "star": _star, "pepnet": _pepnet, "esmm": _esmm}
+
+
+def _declare_training(hp, has_architecture: bool) -> None:
+    hp.Float(TRAIN_PREFIX + "learning_rate", 3e-4, 1e-2, sampling="log")
+    if has_architecture:
+        hp.Float(TRAIN_PREFIX + "arch_learning_rate", 1e-4, 3e-2, sampling="log")
+        hp.Choice(TRAIN_PREFIX + "arch_mode", ["bilevel", "joint", "fixed"])
+
+
+def split_values(values: dict) -> tuple[dict, dict]:
+    """Tuner values -> (model params, training settings); "256,64" -> [256, 64]."""
+    model, train = {}, {}
+    for name, value in values.items():
+        if name.startswith(TRAIN_PREFIX):
+            train[name[len(TRAIN_PREFIX):]] = value
+        elif name in UNIT_KEYS and isinstance(value, str):
+            model[name] = [int(u) for u in value.split(",") if u]
+        else:
+            model[name] = value
+    return model, train
+
+
+def values_from_config(config: dict) -> dict:
+    """A keras_tuner HyperParameters config (TFX's best_hyperparameters) -> its values."""
+    return dict(kt.HyperParameters.from_config(config).values)
+
+
+class MDMTHyperModel(kt.HyperModel):
+    """Search space and training of one model family on encoded data.
+
+    fixed: hyper-parameters pinned to a value (hp.Fixed); pinning all of them leaves
+    nothing to search, which is an error.
+    """
+
+    def __init__(self, model_name: str, encoded, train_config, fixed: dict | None = None, verbose: int = 0):
+        if model_name not in MODELS:
+            raise ConfigError(f"unknown model {model_name!r}; valid models: {list(MODELS)}")
+        super().__init__(name=model_name)
+        self.model_name, self.encoded, self.train_config = model_name, encoded, train_config
+        self.fixed, self.verbose = dict(fixed or {}), verbose
+        probe = build_model(ModelConfig(model_name, {}), encoded.schema)
+        self.has_architecture = bool(probe.architecture_variables)
+        space = kt.HyperParameters()  # the free space, without the pinned values
+        SPACES[model_name](space)
+        _declare_training(space, self.has_architecture)
+        unknown = sorted(set(self.fixed) - set(space.values))
+        if unknown:
+            raise ConfigError(f"cannot fix {unknown}: not in the {model_name} search space "
+                              f"{sorted(space.values)}")
+        if all(name in self.fixed for name in space.values):
+            raise ConfigError(f"the {model_name} search space is empty: every hyper-parameter is fixed "
+                              f"({sorted(self.fixed)})")
+
+    def declare(self, hp) -> None:
+        for name, value in self.fixed.items():
+            hp.Fixed(name, value)
+        SPACES[self.model_name](hp)
+        _declare_training(hp, self.has_architecture)
+
+    def config_for(self, values: dict) -> tuple[ModelConfig, dict]:
+        params, train = split_values(values)
+        return ModelConfig(self.model_name, params), train
+
+    def build(self, hp):
+        self.declare(hp)
+        model_config, train = self.config_for(hp.values)
+        c, enc = self.train_config, self.encoded
+        keras.utils.set_random_seed(c.seed)  # as `mdmt train --seed`: a trial is reproducible from its values
+        model = build_model(model_config, enc.schema)
+        arch_mode = train.get("arch_mode", c.arch_mode)
+        heldout = None
+        if model.architecture_variables and arch_mode == "bilevel":
+            heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
+                                   seed=c.seed + 1)
+        trainer = MDMTTrainer(model, arch_mode=arch_mode, learning_rate=train.get("learning_rate", c.learning_rate),
+                              arch_learning_rate=train.get("arch_learning_rate", c.arch_learning_rate),
+                              arch_period=c.arch_period, heldout=heldout, loss_reduction=c.loss_reduction,
+                              steps_per_epoch=-(-enc.rows("train") // c.batch_size))
+        trainer.compile()
+        return trainer
+
+    def fit(self, hp, model, *args, callbacks=None, epochs=None, initial_epoch=0, **kwargs):
+        from mdmt_tf.training.fit import predictor
+
+        c, enc = self.train_config, self.encoded
+        validation = ValidationMetrics(predictor(model.net, c.eval_batch_size), enc.features["val"],
+                                       enc.labels["val"], enc.domain["val"], enc.domains, enc.spec.tasks)
+        stop = keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=c.patience)
+        train = make_dataset(enc.features["train"], enc.labels["train"], batch_size=c.batch_size, shuffle=True,
+                             seed=c.seed)
+        # the validation callback first: the tuner's callbacks read the objective from the logs
+        history = model.fit(train, epochs=epochs or c.epochs, initial_epoch=initial_epoch,
+                            callbacks=[validation, stop, *(callbacks or [])], verbose=self.verbose, shuffle=False)
+        check_objective(history.history)
+        return history
+
+
+def check_objective(logs: dict) -> None:
+    if OBJECTIVE not in logs:
+        raise ConfigError(f"the objective {OBJECTIVE} was never logged; logged: {sorted(logs)}")
