@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
-from mdmt_tf.cli import PLANNED, main
+from mdmt_tf.cli import main
+
+VERBS = ["data", "train", "compare", "evaluate", "tune", "pipeline", "serve", "predict", "export", "bench"]
 
 def run_cli(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "mdmt_tf", *args], capture_output=True, text=True, cwd=cwd)
@@ -12,14 +14,8 @@ def run_cli(*args, cwd=None):
 def test_help_lists_every_verb():
     out = run_cli("--help")
     assert out.returncode == 0
-    for verb in ["data", *PLANNED]:
-        assert verb in out.stdout
-
-
-def test_unbuilt_verbs_say_so_and_fail(capsys):
-    for verb in PLANNED:
-        assert main([verb, "--anything", "x"]) == 2
-        assert "not built yet" in capsys.readouterr().err
+    for verb in VERBS:
+        assert f"    {verb} " in out.stdout
 
 
 def test_data_synthetic_then_describe(tmp_path, capsys):

@@ -24,6 +24,9 @@ def cmd_bench_train(args) -> int:
 def add_parsers(verbs) -> None:
     bench = verbs.add_parser("bench", help="benchmarks: training throughput, FLOP/s, memory")
     kinds = bench.add_subparsers(dest="bench_verb", metavar="WHAT", required=True)
+    from mdmt_tf.bench import serve as bench_serve
+
+    bench_serve.add_parser(kinds)
     p = kinds.add_parser("train", help="training / inference examples/s, FLOP/s vs peak, peak RSS (M3oE, MMoE)")
     p.add_argument("--configs", default="all", help="comma-separated: m3oe/bilevel, m3oe/bilevel-p10, "
                                                     "m3oe/authors, mmoe; or 'all'")

@@ -147,6 +147,8 @@ def publish_version(model_dir: str | Path, base_path: str | Path, version: int |
         raise ConfigError(f"{model_dir} is not a SavedModel directory (no saved_model.pb)")
     existing = versions(base)
     version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ConfigError(f"a model version must be a positive integer (TF Serving ignores others), got {version!r}")
     if version in existing:
         raise ConfigError(f"{base}/{version} exists already; versions present: {existing}")
     base.mkdir(parents=True, exist_ok=True)
