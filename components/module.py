@@ -19,16 +19,15 @@ def run_fn(fn_args):
     from mdmt_tf.training.transformed import train_from_artifacts
 
     config = fn_args.custom_config
-    hyperparameters = None
+    tuned = None
     if fn_args.hyperparameters:  # the Tuner's best: a keras_tuner HyperParameters config
         from mdmt_tf.tuning.hypermodel import values_from_config
 
-        hyperparameters = values_from_config(fn_args.hyperparameters)
+        tuned = values_from_config(fn_args.hyperparameters)
     train_from_artifacts(train_files=fn_args.train_files, eval_files=fn_args.eval_files,
                          transform_output_dir=fn_args.transform_graph_path,
                          serving_model_dir=fn_args.serving_model_dir, run_dir=fn_args.model_run_dir,
-                         spec=config["spec"], model=config["model"], train=config["train"],
-                         hyperparameters=hyperparameters)
+                         spec=config["spec"], model=config["model"], train=config["train"], tuned_values=tuned)
 
 
 def tuner_fn(fn_args):

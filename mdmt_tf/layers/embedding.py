@@ -74,9 +74,10 @@ class FieldEmbedding(keras.layers.Layer):
                 column = ops.where(keep, column, ops.zeros_like(column))
             columns.append(column + self.offsets[field])
         embedded = ops.take(self.embeddings, ops.stack(columns, axis=1), axis=0)
-        if self.l2:
-            batch = ops.cast(ops.shape(embedded)[0], embedded.dtype)
-            self.add_loss(self.l2 * ops.sum(ops.square(embedded)) / ops.maximum(batch, 1.0))
+        if self.l2:  # in float32, whatever the compute dtype (it is summed with the float32 task loss)
+            rows = ops.cast(embedded, "float32")
+            batch = ops.cast(ops.shape(rows)[0], "float32")
+            self.add_loss(self.l2 * ops.sum(ops.square(rows)) / ops.maximum(batch, 1.0))
         return embedded
 
     def get_config(self):

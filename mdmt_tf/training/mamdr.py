@@ -129,7 +129,7 @@ class MAMDRTrainer(keras.Model):
             variable.assign(value)
         loss = mdmt_loss(labels, outputs, features[self.net.schema.domain], self.net.schema.num_domains,
                          self.net.schema.tasks, self.task_weights, self.loss_reduction)
-        return loss + (ops.sum(ops.stack(losses)) if losses else 0.0), loss
+        return loss + (ops.sum(ops.stack([ops.cast(l, "float32") for l in losses])) if losses else 0.0), loss
 
     def _shared_step(self, optimizer, features, labels, slot):
         """One step on theta with the loss of domain `slot`'s batch at theta + theta_slot."""

@@ -115,7 +115,8 @@ class MDMTTrainer(keras.Model):
         probs = self.net(features, training=training)
         loss = mdmt_loss(labels, probs, features[self.net.schema.domain], self.net.schema.num_domains,
                          self.net.schema.tasks, self.task_weights, self.loss_reduction)
-        regularisation = ops.sum(ops.stack(self.net.losses)) if self.net.losses else 0.0
+        regularisation = (ops.sum(ops.stack([ops.cast(l, "float32") for l in self.net.losses]))
+                          if self.net.losses else 0.0)
         return loss + regularisation, loss
 
     def _weight_step_impl(self, features, labels):

@@ -134,20 +134,25 @@ def encoded_from_artifacts(train_files, eval_files, transform_output_dir: str, s
 
 
 def train_from_artifacts(*, train_files, eval_files, transform_output_dir: str, serving_model_dir: str,
-                         run_dir: str, spec: dict, model: dict, train: dict, hyperparameters: dict | None = None,
+                         run_dir: str, spec: dict, model: dict, train: dict, tuned_values: dict | None = None,
                          source: str = "tfx") -> dict:
     """Train a model on the pipeline's artifacts and export it to `serving_model_dir`.
 
-    spec: DatasetSpec as a dict; model: ModelConfig as a dict (hyperparameters, e.g. the
-    Tuner's best, override its params); train: TrainConfig fields. Writes the run's
-    checkpoints, metrics.json and plots to `run_dir`; returns the metrics.json payload.
+    spec: DatasetSpec as a dict; model: ModelConfig as a dict; train: TrainConfig fields;
+    tuned_values: the Tuner's best values (mdmt_tf.tuning naming), which override both.
+    Writes the run's checkpoints, metrics.json and plots to `run_dir`; returns the
+    metrics.json payload.
     """
     from mdmt_tf.training.fit import Run, TrainConfig
 
     dataset_spec = DatasetSpec.from_dict(spec)
     model_config = ModelConfig.from_dict(model)
-    if hyperparameters:
-        model_config = ModelConfig(model_config.name, {**model_config.params, **hyperparameters})
+    if tuned_values:
+        from mdmt_tf.tuning.hypermodel import split_values
+
+        params, train_overrides = split_values(tuned_values)
+        model_config = ModelConfig(model_config.name, {**model_config.params, **params})
+        train = {**train, **train_overrides}
     encoded = encoded_from_artifacts(train_files, eval_files, transform_output_dir, dataset_spec)
     run = Run(model_config, encoded, TrainConfig.from_dict(train), run_dir, source=source, verbose=2,
               model_dir=serving_model_dir)

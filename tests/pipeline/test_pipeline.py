@@ -13,7 +13,9 @@ from tests.pipeline.conftest import make_config
 pytestmark = pytest.mark.slow
 
 COMPONENTS = ["CsvExampleGen", "StatisticsGen", "SchemaGen", "SchemaCurator", "ExampleValidator", "AnomalyGate",
-              "Transform", "Trainer", "Evaluator", "Pusher"]
+              "Transform", "Tuner", "Trainer", "Evaluator", "Pusher"]
+TUNING = {"tuner": "random", "max_trials": 2, "epochs": 2,
+          "fixed": {"expert_units": "16,8", "tower_units": "8", "embedding_dim": 4}}
 
 
 def _executions(metadata_path):
@@ -58,7 +60,7 @@ def first_run(pipeline_data, tmp_path_factory):
 
     data_root, spec = pipeline_data
     tmp = tmp_path_factory.mktemp("pipeline_run")
-    config = make_config(tmp, data_root, spec)
+    config = make_config(tmp, data_root, spec, tune=True, tuning=TUNING)
     return config, run(config)
 
 
@@ -81,6 +83,19 @@ def test_every_component_runs_once_and_a_model_is_pushed(first_run, pipeline_dat
         p = out[task].numpy()
         assert p.shape == (40,) and ((p > 0) & (p < 1)).all()
     assert (versions[0] / "assets.extra" / "tf_serving_warmup_requests").exists()
+
+
+def test_the_trainer_uses_the_tuners_best_hyperparameters(first_run):
+    import glob
+
+    import keras_tuner as kt
+
+    config, _ = first_run
+    best_file = glob.glob(f"{config.pipeline_root}/Tuner/best_hyperparameters/*/best_hyperparameters.txt")
+    best = kt.HyperParameters.from_config(json.loads(Path(best_file[0]).read_text())).values
+    trained = json.loads(Path(glob.glob(f"{config.pipeline_root}/Trainer/model_run/*/metrics.json")[0]).read_text())
+    assert trained["model_config"]["params"]["num_experts"] == best["num_experts"]
+    assert trained["config"]["learning_rate"] == pytest.approx(best["train.learning_rate"])
 
 
 def test_a_model_below_the_threshold_is_not_pushed(first_run):
@@ -132,7 +147,8 @@ def test_kubeflow_compile_names_every_component(pipeline_data, tmp_path):
     parsed = json_format.ParseDict(job["pipelineSpec"], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=True)
     tasks = set(parsed.root.dag.tasks)
     for component in COMPONENTS:
-        assert component in tasks
+        if component != "Tuner":  # compiled without --tune
+            assert component in tasks
     assert "example.com/mdmt:test" in path.read_text()
 
 

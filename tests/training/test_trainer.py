@@ -102,3 +102,19 @@ def test_loss_includes_embedding_regularisation(enc):
     total_reg, loss_reg = MDMTTrainer(reg, arch_mode="fixed").loss_of(features, labels, training=False)
     assert float(loss_plain) == pytest.approx(float(loss_reg), rel=1e-6)
     assert float(total_reg) > float(loss_reg) and float(total_plain) == pytest.approx(float(loss_plain))
+
+
+def test_regularised_model_trains_under_mixed_bfloat16(enc):
+    """The embedding L2 loss must add to the float32 task loss under mixed precision."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        keras.utils.set_random_seed(0)
+        model = build_model("shared_bottom", enc.schema, {"bottom_units": [8], "embedding_dim": 4,
+                                                          "embedding_l2": 1e-4})
+        trainer = MDMTTrainer(model, arch_mode="fixed")
+        _fit(trainer, enc)
+        total, loss = trainer.loss_of(*next(iter(batches(enc, "train"))), training=False)
+        assert total.dtype == "float32" and float(total) > float(loss)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
