@@ -74,7 +74,7 @@ def train_config_from_args(args):
                        arch_data=args.arch_data, patience=args.patience, seed=args.seed,
                        task_weights=tuple(sorted(weights.items())), loss_reduction=args.loss_reduction,
                        strategy=args.strategy, mamdr=mamdr, precision=args.precision,
-                       jit_compile=args.jit, min_count=args.min_count)
+                       jit_compile=args.jit, min_count=args.min_count, distribute=args.strategy_distribute)
 
 
 def load_data(args):
@@ -146,6 +146,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
                    help="'auto': mixed_bfloat16 on CPUs with native bfloat16 (AVX512_BF16/AMX), else float32")
     p.add_argument("--jit", action="store_true", help="XLA-compile the training steps")
+    p.add_argument("--strategy-distribute", default="none", choices=("none", "mirrored", "multiworker"),
+                   help="tf.distribute: 'mirrored' (this machine's devices) or 'multiworker' "
+                        "(MultiWorkerMirroredStrategy; one process per worker, cluster from TF_CONFIG; "
+                        "--batch-size is the global batch)")
 
 
 def cmd_compare(args) -> int:

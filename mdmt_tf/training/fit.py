@@ -12,6 +12,7 @@ A run directory holds:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -35,6 +36,30 @@ from mdmt_tf.training.trainer import ARCH_MODES, MDMTTrainer
 
 STRATEGIES = ("plain", "dn", "dr", "mamdr")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
+DISTRIBUTE = ("none", "mirrored", "multiworker")
+
+
+def distribution_strategy(kind: str):
+    """None, or a tf.distribute strategy: "mirrored" (the devices of this machine) or
+    "multiworker" (MultiWorkerMirroredStrategy: one process per worker, cluster from TF_CONFIG)."""
+    import os
+
+    if kind == "none":
+        return None
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if "TF_CONFIG" not in os.environ:
+        raise ConfigError("--strategy-distribute multiworker needs TF_CONFIG, e.g. "
+                          '{"cluster": {"worker": ["host1:port", "host2:port"]}, "task": {"type": "worker", '
+                          '"index": 0}}')
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
 
 
 def native_bfloat16() -> bool:
@@ -85,6 +110,7 @@ class TrainConfig:
     mamdr: MAMDRConfig = MAMDRConfig()
     precision: str = "auto"     # "auto" (mixed_bfloat16 on CPUs with native bf16), "float32", "mixed_bfloat16"
     jit_compile: bool = False
+    distribute: str = "none"    # "none", "mirrored" or "multiworker" (tf.distribute; TF_CONFIG for multiworker)
     min_count: int = 1
     eval_batch_size: int = 8192
 
@@ -102,6 +128,9 @@ class TrainConfig:
             (self.mamdr.scope in SCOPES, f"MAMDR scope must be one of {list(SCOPES)}"),
             (self.min_count >= 1, f"min count must be >= 1, got {self.min_count}"),
             (self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"),
+            (self.distribute in DISTRIBUTE, f"distribute must be one of {list(DISTRIBUTE)}, got {self.distribute!r}"),
+            (self.distribute == "none" or self.strategy == "plain",
+             "MAMDR strategies (dn, dr, mamdr) run on one worker; use --strategy plain with a distribution strategy"),
         ]
         for ok, message in checks:
             if not ok:
@@ -304,6 +333,12 @@ class Run:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
+        self.strategy = distribution_strategy(self.config.distribute)  # before any other TF op
+        self.chief = self.strategy is None or is_chief(self.strategy)
+        if not self.chief:  # every worker checkpoints (collectively), each into its own directory
+            index = self.strategy.cluster_resolver.task_id
+            self.out = self.out / "workers" / f"{self.strategy.cluster_resolver.task_type}-{index}"
+            self.export = self.plots = False
         self._check_run_config()
         previous_policy = keras.mixed_precision.global_policy()
         try:
@@ -317,9 +352,10 @@ class Run:
         c, out = self.config, self.out
         enc = self.encoded if self.encoded is not None else EncodedData.from_data(self.data)
         # training runs under the configured precision; evaluation and export in float32
-        model = build_model(self.model_config, enc.schema)
-        trainer, train_ds, steps_per_epoch, examples_per_step = self._trainer(model, enc)
-        trainer.compile()
+        with (self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()):
+            model = build_model(self.model_config, enc.schema)
+            trainer, train_ds, steps_per_epoch, examples_per_step = self._trainer(model, enc)
+            trainer.compile()
         serving = trainer.serving_model() if isinstance(trainer, MAMDRTrainer) else model
         validation = ValidationMetrics(predictor(serving, c.eval_batch_size), enc.features["val"],
                                        enc.labels["val"], enc.domain["val"], enc.domains, enc.spec.tasks)

@@ -34,6 +34,19 @@ from mdmt_tf.training.losses import mdmt_loss
 ARCH_MODES = ("bilevel", "joint", "fixed", "authors")
 
 
+def _multi_worker() -> bool:
+    strategy = tf.distribute.get_strategy()
+    return bool(getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)())
+
+
+def step_logs(logs: dict) -> dict:
+    """A train_step's logs. Across several workers Keras averages them along axis 0, which
+    scalars lack: give them a length-1 axis there (it reduces back to a scalar)."""
+    if _multi_worker():
+        return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+    return logs
+
+
 class MDMTTrainer(keras.Model):
     """Train `model` with the given arch_mode. Use like any Keras model:
 
@@ -61,6 +74,10 @@ class MDMTTrainer(keras.Model):
         self.task_weights = dict(task_weights or {})
         self.loss_reduction = loss_reduction
         self.searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
+        if tf.distribute.has_strategy() and self.searching and (arch_mode == "authors" or arch_period > 1):
+            raise ConfigError("under a distribution strategy the architecture step runs every step: use "
+                              "--arch-mode bilevel with --arch-period 1 (or joint / fixed); a periodic step "
+                              "would put the gradient all-reduce inside a conditional, which TF does not allow")
         if arch_mode == "authors" and self.searching and not steps_per_epoch:
             raise ConfigError("arch_mode 'authors' needs steps_per_epoch (one architecture step per epoch)")
         self.steps_per_epoch = int(steps_per_epoch or 0)
@@ -70,8 +87,11 @@ class MDMTTrainer(keras.Model):
         self.arch_optimizer = arch_optimizer or keras.optimizers.Adam(arch_learning_rate, name="arch_optimizer")
         if self.arch_vars:
             self.arch_optimizer.build(self.arch_vars)
-        self.weight_steps = keras.Variable(0, dtype="int64", trainable=False, name="weight_steps")
-        self.arch_steps = keras.Variable(0, dtype="int64", trainable=False, name="arch_steps")
+        # step counters: identical on every replica, so each replica's increment is kept once
+        self.weight_steps = keras.Variable(0, dtype="int64", trainable=False, name="weight_steps",
+                                           aggregation="only_first_replica")
+        self.arch_steps = keras.Variable(0, dtype="int64", trainable=False, name="arch_steps",
+                                         aggregation="only_first_replica")
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self.arch_loss_tracker = keras.metrics.Mean(name="arch_loss")
 
@@ -81,8 +101,14 @@ class MDMTTrainer(keras.Model):
                 raise ConfigError("arch_mode 'bilevel' needs a held-out stream for the architecture steps "
                                   "(the validation split or a slice of training data)")
             self._heldout = iter(heldout.repeat())
-        self._weight_step = tf.function(self._weight_step_impl, jit_compile=jit_compile, reduce_retracing=True)
-        self._arch_step = tf.function(self._arch_step_impl, jit_compile=jit_compile, reduce_retracing=True)
+        if jit_compile:  # XLA-compile each step (Keras compiles train_step itself, without XLA)
+            if tf.distribute.has_strategy():
+                raise ConfigError("--jit cannot be combined with a distribution strategy (a compiled step "
+                                  "may not hold the gradient all-reduce)")
+            self._weight_step = tf.function(self._weight_step_impl, jit_compile=True, reduce_retracing=True)
+            self._arch_step = tf.function(self._arch_step_impl, jit_compile=True, reduce_retracing=True)
+        else:
+            self._weight_step, self._arch_step = self._weight_step_impl, self._arch_step_impl
         self.built = True  # every variable exists (the model builds itself); lets Keras save weights
 
     # ------------------------------------------------------------------ variables
@@ -109,6 +135,12 @@ class MDMTTrainer(keras.Model):
     def compile(self, **kwargs):
         # the trainer applies its own optimizers; Keras' optimizer slot holds the weight one
         super().compile(optimizer=self.weight_optimizer, jit_compile=False, **kwargs)
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras builds compiled losses / metrics on a sample batch here, which under a
+        distribution strategy it first all-reduces (failing on a dict of int features).
+        This trainer has neither: its loss and trackers are its own."""
+        return
 
     def loss_of(self, features, labels, training=True):
         """(loss + regularisation, loss) on one batch."""
@@ -141,6 +173,10 @@ class MDMTTrainer(keras.Model):
         """Returns (architecture loss or 0, 1.0 if a step was taken else 0.0)."""
         if not self.searching:
             return ops.zeros(()), ops.zeros(())
+        if self.arch_mode == "bilevel" and self.arch_period == 1:  # every step: no conditional needed
+            held_features, held_labels = self._heldout.get_next()
+            self.arch_steps.assign_add(1)
+            return self._arch_step(held_features, held_labels), ops.ones(())
         if self.arch_mode == "bilevel":
             due = ops.equal(self.weight_steps % self.arch_period, 0)
 
@@ -165,7 +201,7 @@ class MDMTTrainer(keras.Model):
         self.weight_steps.assign_add(1)
         self.loss_tracker.update_state(loss)
         self.arch_loss_tracker.update_state(arch_loss, sample_weight=taken)
-        return {m.name: m.result() for m in self.metrics}
+        return step_logs({m.name: m.result() for m in self.metrics})
 
     def test_step(self, data):
         features, labels = data
