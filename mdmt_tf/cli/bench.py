@@ -21,12 +21,34 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def _add_pipeline_bench(kinds) -> None:
+    p = kinds.add_parser("pipeline", help="time the local TFX pipeline on N synthetic rows; per-component wall "
+                                          "time, whole run, peak RSS")
+    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument("--model", default="m3oe")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--root", default=None, help="keep the run here (default: a temporary directory)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=_run_pipeline_bench)
+
+
+def _run_pipeline_bench(args) -> int:
+    from pipeline.bench import run  # needs TFX: imported only here
+
+    result = run(rows=args.rows, model=args.model, epochs=args.epochs, root=args.root)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+    return 0
+
+
 def add_parsers(verbs) -> None:
     bench = verbs.add_parser("bench", help="benchmarks: training throughput, FLOP/s, memory")
     kinds = bench.add_subparsers(dest="bench_verb", metavar="WHAT", required=True)
     from mdmt_tf.bench import serve as bench_serve
 
     bench_serve.add_parser(kinds)
+    _add_pipeline_bench(kinds)
     p = kinds.add_parser("train", help="training / inference examples/s, FLOP/s vs peak, peak RSS (M3oE, MMoE)")
     p.add_argument("--configs", default="all", help="comma-separated: m3oe/bilevel, m3oe/bilevel-p10, "
                                                     "m3oe/authors, mmoe; or 'all'")

@@ -10,6 +10,8 @@ Signatures (inputs and outputs keyed by name):
                    ignored.
   predict_raw      one [batch] tensor per raw feature, same types -> the same outputs. For
                    JSON clients that don't build tf.Examples.
+  transform_features  (pipeline models) serialized raw tf.Examples, labels included -> every
+                   feature as the Transform graph outputs it, for analysis.
 An unknown domain value fails with InvalidArgument naming the domain column.
 
 `assets.extra/mdmt.json` records the spec, the model config, the domains and tasks, so a
@@ -72,14 +74,24 @@ class ServingModule(tf.Module):
 
         self.serve_examples = serve_examples
         self.predict_raw = predict_raw
+        self.transform_features = None
+        if hasattr(front, "transform_examples"):
+            @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+            def transform_features(examples):
+                return front.transform_examples(examples)
+
+            self.transform_features = transform_features
 
     def _score(self, raw):
         outputs = self.model(self.front(raw), training=False)
         return {task: tf.reshape(outputs[task], [-1]) for task in self.tasks}
 
     def signatures(self) -> dict:
-        return {"serving_default": self.serve_examples.get_concrete_function(),
-                "predict_raw": self.predict_raw.get_concrete_function()}
+        signatures = {"serving_default": self.serve_examples.get_concrete_function(),
+                      "predict_raw": self.predict_raw.get_concrete_function()}
+        if self.transform_features is not None:
+            signatures["transform_features"] = self.transform_features.get_concrete_function()
+        return signatures
 
 
 def write_warmup_requests(path: Path, examples: list[bytes], batch: int = 8, model_name: str = "mdmt") -> None:

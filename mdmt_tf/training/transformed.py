@@ -36,11 +36,18 @@ class TransformFront(tf.Module):
         output = tft.TFTransformOutput(transform_output_dir)
         self.tft_layer = output.transform_features_layer()
         self.spec, self.domains = spec, list(domains)
-        self._raw_spec = {k: v for k, v in output.raw_feature_spec().items() if k in spec.features}
+        self._full_raw_spec = output.raw_feature_spec()
+        self._raw_spec = {k: v for k, v in self._full_raw_spec.items() if k in spec.features}
 
     @property
     def raw_types(self) -> dict:
         return {name: feature.dtype for name, feature in self._raw_spec.items()}
+
+    def transform_examples(self, serialized):
+        """Serialized raw tf.Examples (labels included) -> every transformed feature: the
+        `transform_features` signature, for analysis."""
+        features = tf.io.parse_example(serialized, self._full_raw_spec)
+        return {name: tf.reshape(value, [-1]) for name, value in self.tft_layer(features).items()}
 
     def __call__(self, raw: dict) -> dict:
         inputs = {}

@@ -76,13 +76,20 @@ def test_every_component_runs_once_and_a_model_is_pushed(first_run, pipeline_dat
 
     loaded = tf.saved_model.load(str(versions[0]))
     meta = json.loads((versions[0] / "assets.extra" / "mdmt.json").read_text())
-    assert set(loaded.signatures) >= {"serving_default", "predict_raw"}
+    assert set(loaded.signatures) == {"serving_default", "predict_raw", "transform_features"}
     examples = _examples(pipeline_data[0] / "test.csv", meta["raw_types"])
     out = loaded.signatures["serving_default"](examples=tf.constant(examples))
     for task in ("click", "like"):
         p = out[task].numpy()
         assert p.shape == (40,) and ((p > 0) & (p < 1)).all()
     assert (versions[0] / "assets.extra" / "tf_serving_warmup_requests").exists()
+    raw = [tf.train.Example.FromString(e) for e in examples[:5]]
+    for example, label in zip(raw, pd.read_csv(pipeline_data[0] / "test.csv", dtype=str)["click"].head(5)):
+        example.features.feature["click"].int64_list.value.append(int(label))
+        example.features.feature["like"].int64_list.value.append(0)
+    transformed = loaded.signatures["transform_features"](examples=tf.constant([e.SerializeToString() for e in raw]))
+    assert {"user_id", "domain_id", "age", "click"} <= set(transformed)
+    assert transformed["user_id"].dtype == tf.int64 and transformed["age"].dtype == tf.float32
 
 
 def test_the_trainer_uses_the_tuners_best_hyperparameters(first_run):
