@@ -113,8 +113,6 @@ def run_one(name: str, batch_size: int, steps: int, mixed: bool, jit: bool, tria
 def main(names, batch_size: int = 2048, steps: int = 20, mixed: bool = False, jit: bool = False,
          trials: int = 5) -> list[dict]:
     """Run each configuration in a subprocess and print a table; returns the results."""
-    import numpy as np  # noqa: F401  (fail early if the stack is missing)
-
     from mdmt_tf.report.tables import markdown_table
 
     peak = {"float32": None, "bfloat16": None}

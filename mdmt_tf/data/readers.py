@@ -144,15 +144,20 @@ def _single_file_sources(path: Path, split: str) -> dict[str, str]:
     return {s: f"{path} ({s} part of {how})" for s in SPLITS}
 
 
-def read_csv(path: str | Path, spec: DatasetSpec, seed: int = 0, split: str = "random") -> Splits:
+def _read_splits(path, spec: DatasetSpec, seed: int, split: str, read_file, suffixes, kind: str) -> Splits:
+    """A directory of train/val/test files as given, or one file split by `split`."""
     path = Path(path)
     if path.is_dir():
         _check_directory_split(path, split)
-        files = _split_files(path, CSV_SUFFIXES, "CSV")
-        tables = {s: read_csv_file(f, spec) for s, f in files.items()}
+        files = _split_files(path, suffixes, kind)
+        tables = {s: read_file(f, spec) for s, f in files.items()}
         return Splits(**tables, sources={s: str(f) for s, f in files.items()})
-    parts = split_table(read_csv_file(path, spec), split, seed, str(path))
+    parts = split_table(read_file(path, spec), split, seed, str(path))
     return Splits(**parts, sources=_single_file_sources(path, split))
+
+
+def read_csv(path: str | Path, spec: DatasetSpec, seed: int = 0, split: str = "random") -> Splits:
+    return _read_splits(path, spec, seed, split, read_csv_file, CSV_SUFFIXES, "CSV")
 
 
 def write_csv(table: pd.DataFrame, path: str | Path) -> None:
@@ -232,14 +237,7 @@ def read_tfrecord_file(path: Path, spec: DatasetSpec, labels: bool = True) -> pd
 
 
 def read_tfrecord(path: str | Path, spec: DatasetSpec, seed: int = 0, split: str = "random") -> Splits:
-    path = Path(path)
-    if path.is_dir():
-        _check_directory_split(path, split)
-        files = _split_files(path, TFRECORD_SUFFIXES, "TFRecord")
-        tables = {s: read_tfrecord_file(f, spec) for s, f in files.items()}
-        return Splits(**tables, sources={s: str(f) for s, f in files.items()})
-    parts = split_table(read_tfrecord_file(path, spec), split, seed, str(path))
-    return Splits(**parts, sources=_single_file_sources(path, split))
+    return _read_splits(path, spec, seed, split, read_tfrecord_file, TFRECORD_SUFFIXES, "TFRecord")
 
 
 def example_bytes(table: pd.DataFrame, spec: DatasetSpec, with_labels: bool = True) -> list[bytes]:

@@ -60,6 +60,32 @@ class MDMTModel(keras.Model):
         return FieldEmbedding(sizes, p.embedding_dim, l2=p.embedding_l2, oov_rate=p.oov_rate,
                               oov_fields=oov_fields if p.oov_rate else (), name=name)
 
+    def make_task_embeddings(self, fields) -> None:
+        """Task-specific tables (STEM): one per task over `fields` (() = every sparse field);
+        sets self.task_fields and self.task_embeddings."""
+        from mdmt_tf.errors import ConfigError
+
+        fields = tuple(fields) or self.schema.sparse_names
+        unknown = [f for f in fields if f not in self.schema.sparse_names]
+        if unknown:
+            raise ConfigError(f"{self.name}: task_embedding_fields {unknown} are not sparse features; "
+                              f"valid: {list(self.schema.sparse_names)}")
+        self.task_fields = fields
+        self.task_embeddings = [self.make_embedding(f"task_embedding_{i}", with_domain=False, fields=fields)
+                                for i in range(self.schema.num_tasks)]
+
+    def task_inputs(self, embedded, features, training=None):
+        """[B, T, n_in]: for task t, its own table's embeddings of the task fields and the
+        shared embeddings of the other fields (self.embedding's order), plus dense."""
+        position = {f: i for i, f in enumerate(self.embedding.fields)}
+        rows = []
+        for table in self.task_embeddings:
+            own = table(features, training=training)
+            pieces = [own[:, self.task_fields.index(f)] if f in self.task_fields else embedded[:, position[f]]
+                      for f in self.embedding.fields]
+            rows.append(self.flat_inputs(ops.stack(pieces, axis=1), features))
+        return ops.stack(rows, axis=1)
+
     def dense_inputs(self, features):
         """[B, n_dense] float (or None without dense features)."""
         if not self.schema.dense:

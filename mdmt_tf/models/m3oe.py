@@ -85,14 +85,7 @@ class M3oE(MDMTModel):
         else:
             self.expert_slices["task"] = slice(n_s + d, n_s + d + t)
         if self.aftb:
-            fields = p.task_embedding_fields or s.sparse_names
-            unknown = [f for f in fields if f not in s.sparse_names]
-            if unknown:
-                raise ConfigError(f"{self.name}: task_embedding_fields {unknown} are not sparse features; "
-                                  f"valid: {list(s.sparse_names)}")
-            self.task_fields = tuple(fields)
-            self.task_embeddings = [self.make_embedding(f"task_embedding_{i}", with_domain=False, fields=fields)
-                                    for i in range(t)]
+            self.make_task_embeddings(p.task_embedding_fields)
             num_experts = p.num_shared_experts + d + t
             if p.shared_gate == "network":
                 self.gates = [SoftmaxGate(num_experts, num_gates=d, name=f"aftb_gate_{i}") for i in range(t)]
@@ -113,22 +106,6 @@ class M3oE(MDMTModel):
     # ---------------------------------------------------------------------------
     def _bottom(self, x, domain, training):
         return self.bottom(x + self.star(x, domain), training=training)
-
-    def _task_inputs(self, embedded, features, training):
-        """[B, T, n_in]: task t's fields from its own tables, the others shared."""
-        position = {f: i for i, f in enumerate(self.embedding.fields)}
-        rows = []
-        for table in self.task_embeddings:
-            own = table(features, training=training)  # [B, |task_fields|, k]
-            pieces = []
-            for field in self.embedding.fields:
-                if field in self.task_fields:
-                    j = self.task_fields.index(field)
-                    pieces.append(own[:, j])
-                else:
-                    pieces.append(embedded[:, position[field]])
-            rows.append(self.flat_inputs(ops.stack(pieces, axis=1), features))
-        return ops.stack(rows, axis=1)
 
     def _gate_weights(self, gate_input, domain, task_inputs=None):
         """Gate weights of each sample's own domain: [B, T, E]."""
@@ -168,7 +145,7 @@ class M3oE(MDMTModel):
         domains = on_bottom[:, self.expert_slices["domain"]]  # [B, D, H]
         gate_input = ops.stop_gradient(bottom) if self.params.gate_stop_gradient else bottom
         if self.aftb:
-            task_inputs = self._task_inputs(embedded, features, training)
+            task_inputs = self.task_inputs(embedded, features, training)
             tasks = self.task_experts(task_inputs)  # [B, T, H], expert t on task t's embeddings
             weights = self._gate_weights(gate_input, domain, task_inputs)
             everything = ops.concatenate([on_bottom, tasks], axis=1)  # shared, domain, task experts

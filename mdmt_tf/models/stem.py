@@ -18,7 +18,6 @@ import dataclasses
 import numpy as np
 from keras import ops
 
-from mdmt_tf.errors import ConfigError
 from mdmt_tf.layers import ExpertGroup, SoftmaxGate, Towers, aftb_mix, mix
 from mdmt_tf.layers._util import register
 from mdmt_tf.models.base import MDMTModel
@@ -44,15 +43,8 @@ class STEM(MDMTModel):
     def build_layers(self):
         s, p = self.schema, self.params
         t = s.num_tasks
-        fields = p.task_embedding_fields or s.sparse_names
-        unknown = [f for f in fields if f not in s.sparse_names]
-        if unknown:
-            raise ConfigError(f"{self.name}: task_embedding_fields {unknown} are not sparse features; "
-                              f"valid: {list(s.sparse_names)}")
-        self.task_fields = tuple(fields)
         self.embedding = self.make_embedding()
-        self.task_embeddings = [self.make_embedding(f"task_embedding_{i}", with_domain=False, fields=fields)
-                                for i in range(t)]
+        self.make_task_embeddings(p.task_embedding_fields)
         self.shared_experts = ExpertGroup(p.num_shared_experts, p.expert_units, name="shared_experts")
         self.task_experts = ExpertGroup(t * p.num_task_experts, p.expert_units, name="task_experts")
         num_experts = p.num_shared_experts + t * p.num_task_experts
@@ -69,14 +61,7 @@ class STEM(MDMTModel):
         p = self.params
         embedded = self.embedding(features, training=training)
         x_shared = self.flat_inputs(embedded, features)
-        position = {f: i for i, f in enumerate(self.embedding.fields)}
-        task_inputs = []
-        for table in self.task_embeddings:
-            own = table(features, training=training)
-            pieces = [own[:, self.task_fields.index(f)] if f in self.task_fields else embedded[:, position[f]]
-                      for f in self.embedding.fields]
-            task_inputs.append(self.flat_inputs(ops.stack(pieces, axis=1), features))
-        x_tasks = ops.stack(task_inputs, axis=1)  # [B, T, n_in]
+        x_tasks = self.task_inputs(embedded, features, training)  # [B, T, n_in]
         shared = self.shared_experts(x_shared)  # [B, S, H]
         tasks = self.task_experts(ops.repeat(x_tasks, p.num_task_experts, axis=1))  # [B, T*n, H]
         everything = ops.concatenate([shared, tasks], axis=1)
