@@ -26,14 +26,17 @@ class PartitionedNorm(keras.layers.Layer):
             raise ValueError(f"PartitionedNorm: `epsilon` must be > 0, received epsilon={epsilon!r}")
 
     def build(self, input_shape):
+        # statistics and affine parameters stay float32 under mixed precision (autocast=False):
+        # the normalisation is computed in float32 and only the output takes the compute dtype
         f, d = input_shape[-1], self.num_domains
-        self.gamma = self.add_weight(name="gamma", shape=(f,), initializer="ones")
-        self.beta = self.add_weight(name="beta", shape=(f,), initializer="zeros")
-        self.domain_gamma = self.add_weight(name="domain_gamma", shape=(d, f), initializer="ones")
-        self.domain_beta = self.add_weight(name="domain_beta", shape=(d, f), initializer="zeros")
-        self.moving_mean = self.add_weight(name="moving_mean", shape=(d, f), initializer="zeros", trainable=False)
+        self.gamma = self.add_weight(name="gamma", shape=(f,), initializer="ones", autocast=False)
+        self.beta = self.add_weight(name="beta", shape=(f,), initializer="zeros", autocast=False)
+        self.domain_gamma = self.add_weight(name="domain_gamma", shape=(d, f), initializer="ones", autocast=False)
+        self.domain_beta = self.add_weight(name="domain_beta", shape=(d, f), initializer="zeros", autocast=False)
+        self.moving_mean = self.add_weight(name="moving_mean", shape=(d, f), initializer="zeros", trainable=False,
+                                           autocast=False)
         self.moving_variance = self.add_weight(name="moving_variance", shape=(d, f), initializer="ones",
-                                               trainable=False)
+                                               trainable=False, autocast=False)
 
     def call(self, x, domain, training=None):
         dtype = x.dtype

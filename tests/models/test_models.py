@@ -128,3 +128,22 @@ def test_single_task_mlps_share_nothing(encoded):
              for v, g in zip(model.trainable_variables, tape.gradient(loss, model.trainable_variables))}
     assert all(np.all(g == 0.0) for p, g in grads.items() if "_like" in p)
     assert all(np.abs(g).sum() > 0 for p, g in grads.items() if "_click" in p and "bias" not in p)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_training_step_under_mixed_bfloat16(name, encoded):
+    """Every layer works with the mixed_bfloat16 policy `--precision auto` picks on bf16 CPUs."""
+    schema, splits = encoded
+    features, labels = take(*splits["train"], range(64))
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = _small(name, schema)
+        with tf.GradientTape() as tape:
+            loss = _bce(model, features, labels, training=True)
+        grads = tape.gradient(loss, model.trainable_variables)
+        assert np.isfinite(float(loss)) and any(g is not None for g in grads)
+        out = model(features, training=False)
+        assert all(np.asarray(v).dtype == np.float32 for v in out.values())
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
