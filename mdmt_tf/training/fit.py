@@ -283,7 +283,10 @@ class Run:
             {"model": self.model_config.to_dict(), "train": self.config.to_dict(), "data": self.source}))
         path = self.out / "run_config.json"
         if path.exists():
-            differs = [f"{key}: {old!r} -> {new!r}" for key, old, new in _diff(json.loads(path.read_text()), current)
+            previous = json.loads(path.read_text())
+            # settings added by a newer version are absent from older runs: read them as their defaults
+            previous["train"] = {**json.loads(json.dumps(TrainConfig().to_dict())), **previous.get("train", {})}
+            differs = [f"{key}: {old!r} -> {new!r}" for key, old, new in _diff(previous, current)
                        if key not in self.RESUMABLE_CHANGES]
             if differs:
                 raise ConfigError(f"{self.out} holds a run with another configuration ({'; '.join(differs[:5])}); "

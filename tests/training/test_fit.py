@@ -111,3 +111,16 @@ def test_mamdr_strategy_end_to_end(data, tmp_path):
     raw = raw_feature_arrays(data.splits.test.head(10), data.spec)
     out = loaded.signatures["predict_raw"](**{k: tf.constant(v) for k, v in raw.items()})
     assert out["click"].shape == (10,)
+
+
+def test_runs_from_before_a_new_setting_resume(data, tmp_path):
+    """A run_config.json written before a TrainConfig field existed still matches when the
+    new field is at its default."""
+    model = ModelConfig("mmoe", {"expert_units": [16, 8], "tower_units": [8], "embedding_dim": 4})
+    config = TrainConfig(epochs=1, batch_size=256)
+    train(model, data, config, tmp_path, source="small", verbose=0, export=False, plots=False)
+    run_config = json.loads((tmp_path / "run_config.json").read_text())
+    del run_config["train"]["distribute"]  # as an older version wrote it
+    (tmp_path / "run_config.json").write_text(json.dumps(run_config))
+    again = train(model, data, config, tmp_path, source="small", verbose=0, export=False, plots=False)
+    assert again["epochs_trained"] == 1
