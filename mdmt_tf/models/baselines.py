@@ -147,6 +147,10 @@ class PLE(MDMTModel):
 class STARParams(Params):
     star_units: tuple[int, ...] = (256, 128, 64)
     aux_units: tuple[int, ...] = (64,)
+    # momentum of partitioned norm's moving statistics, which inference uses. 0.9, not
+    # BatchNormalization's 0.99: with tens of steps per epoch, 0.99 leaves the statistics
+    # stale for hundreds of steps (ML-100K: test AUC 0.781 -> 0.791, logloss 0.61 -> 0.49)
+    norm_momentum: float = 0.9
 
 
 @register
@@ -161,7 +165,7 @@ class STAR(MDMTModel):
         p, s = self.params, self.schema
         self.embedding = self.make_embedding(with_domain=False)
         self.domain_embedding = layers.Embedding(s.num_domains, p.embedding_dim, name="domain_embedding")
-        self.norm = PartitionedNorm(s.num_domains, name="partitioned_norm")
+        self.norm = PartitionedNorm(s.num_domains, momentum=p.norm_momentum, name="partitioned_norm")
         self.star_layers = [StarFC(s.num_domains, u, activation="relu", name=f"star_fc_{i}")
                             for i, u in enumerate(p.star_units)]
         self.star_out = StarFC(s.num_domains, s.num_tasks, name="star_out")
