@@ -1,0 +1,1 @@
+"""Reports: metrics.json, plots and tables."""

@@ -1,0 +1,1 @@
+"""Training: the bi-level trainer, MAMDR, losses, evaluation, runs, comparisons."""
