@@ -315,14 +315,18 @@ class Run:
             return trainer, tf.data.Dataset.zip(tuple(datasets)), steps, c.batch_size * len(domains)
         train_rows = np.arange(enc.rows("train"))
         heldout = None
+        searching = bool(model.architecture_variables) and c.arch_mode == "bilevel"
         fraction = c.holdout_fraction()
-        if fraction is not None:
+        if fraction is not None and not searching:
+            print(f"[mdmt] arch_data {c.arch_data} ignored: {self.model_config.name} has nothing to search in "
+                  f"arch_mode {c.arch_mode!r}; the weights train on every training row", file=sys.stderr, flush=True)
+        if fraction is not None and searching:
             order = np.random.default_rng(c.seed).permutation(len(train_rows))
             cut = int(round(fraction * len(order)))
             held, train_rows = np.sort(order[:cut]), np.sort(order[cut:])
             heldout = make_dataset(_take(enc.features["train"], held), _take(enc.labels["train"], held),
                                    batch_size=c.batch_size, shuffle=True, seed=c.seed + 1)
-        elif model.architecture_variables and c.arch_mode == "bilevel":
+        elif searching:
             heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
                                    seed=c.seed + 1)
         steps = int(np.ceil(len(train_rows) / c.batch_size))
@@ -386,6 +390,11 @@ class Run:
                          *self.extra_callbacks]
             trainer.fit(train_ds, epochs=c.epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
                         callbacks=callbacks, verbose=self.verbose, shuffle=False)
+        # steps taken over the whole run (read before the best checkpoint rewinds the counters)
+        self.steps_taken = {"weight": int(keras.ops.convert_to_numpy(trainer.weight_steps))} \
+            if isinstance(trainer, MDMTTrainer) else {}
+        if isinstance(trainer, MDMTTrainer) and trainer.searching:
+            self.steps_taken["architecture"] = int(keras.ops.convert_to_numpy(trainer.arch_steps))
         best_epoch = stopper.restore_best()
         if keras.mixed_precision.global_policy().name != "float32":
             model, serving = self._float32_copy(model, trainer, enc)
@@ -426,6 +435,8 @@ class Run:
             "train_seconds": timer.seconds,
             "train_examples_per_second": timer.examples / timer.seconds if timer.seconds else None,
             "epochs_trained": state["epoch"], "best_epoch": best_epoch, "stopped_early": state.get("stopped_early"),
+            "steps": self.steps_taken,
+            "replicas": self.strategy.num_replicas_in_sync if self.strategy is not None else 1,
             "history": state["history"], "config": self.config.to_dict(),
             "model_config": {"name": self.model_config.name, "params": self.model_config.resolved_params()},
             "data": {"source": self.source, "rows": {s: enc.rows(s) for s in ("train", "val", "test")},

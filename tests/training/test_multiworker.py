@@ -52,3 +52,8 @@ def test_two_workers_finish_with_identical_weights(tmp_path):
     assert not (out / "workers" / "worker-1" / "model").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 2 and metrics["config"]["distribute"] == "multiworker"
+    # the gradients were all-reduced over both workers: 2 replicas in sync, and each step took
+    # one global batch of 256 (128 per worker), so an epoch is ceil(train rows / 256) steps
+    assert metrics["replicas"] == 2
+    train_rows = metrics["data"]["rows"]["train"]
+    assert metrics["steps"]["weight"] == metrics["steps"]["architecture"] == 2 * -(-train_rows // 256)

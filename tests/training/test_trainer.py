@@ -19,7 +19,7 @@ def _m3oe(enc, **params):
 
 def _fit(trainer, enc, epochs=1, batch_size=256):
     trainer.compile()
-    trainer.fit(batches(enc, "train", batch_size, shuffle=True, seed=0), epochs=epochs, verbose=0)
+    trainer.fit(batches(enc, "train", batch_size, shuffle=True, seed=0), epochs=epochs, verbose=0, shuffle=False)
 
 
 def _changed(before, after):
@@ -118,3 +118,53 @@ def test_regularised_model_trains_under_mixed_bfloat16(enc):
         assert total.dtype == "float32" and float(total) > float(loss)
     finally:
         keras.mixed_precision.set_global_policy(previous)
+
+
+def test_architecture_step_follows_the_heldout_gradient_not_the_training_one(enc):
+    """One train_step with SGD on the architecture: alpha / beta move by exactly
+    -lr * (gradient on the held-out batch), taken before the weight step. The held-out
+    labels are flipped so that its gradient differs from the training batch's."""
+    import tensorflow as tf
+
+    model = _m3oe(enc, arch_granularity="vector")
+    held_f, held_l = next(iter(batches(enc, "val", batch_size=100)))
+    held_l = {t: 1.0 - v for t, v in held_l.items()}
+    heldout = tf.data.Dataset.from_tensors((held_f, held_l))
+    trainer = MDMTTrainer(model, arch_mode="bilevel", heldout=heldout,
+                          arch_optimizer=keras.optimizers.SGD(1.0), learning_rate=1e-3)
+    train_f, train_l = next(iter(batches(enc, "train", batch_size=100)))
+
+    def grads(features, labels):
+        with tf.GradientTape() as tape:
+            total, _ = trainer.loss_of(features, labels)
+        return [g.numpy() for g in tape.gradient(total, model.architecture_variables)]
+
+    g_held, g_train = grads(held_f, held_l), grads(train_f, train_l)
+    assert any(not np.allclose(a, b, atol=1e-4) for a, b in zip(g_held, g_train))
+    before = values(model.architecture_variables)
+    trainer.compile()
+    trainer.train_step((train_f, train_l))
+    after = values(model.architecture_variables)
+    for b, a, gh in zip(before, after, g_held):
+        np.testing.assert_allclose(a - b, -gh, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, params, mode, held_out", [
+    ("m3oe", SMALL, "bilevel", True),
+    ("m3oe", SMALL, "joint", False),       # nothing searched on held-out data: every row trains
+    ("mmoe", {"expert_units": [8], "tower_units": [8], "embedding_dim": 4}, "bilevel", False),
+])
+def test_holdout_slice_leaves_the_weight_steps_only_when_searching(name, params, mode, held_out, enc, tmp_path):
+    from mdmt_tf.models import ModelConfig
+    from mdmt_tf.training.fit import Run, TrainConfig
+
+    config = TrainConfig(batch_size=100, arch_mode=mode, arch_data="holdout:0.25")
+    run = Run(ModelConfig(name, params), enc, config, tmp_path)
+    trainer, train, _, _ = run._trainer(build_model(name, enc.schema, params), enc)
+    n = enc.rows("train")
+    train_rows = sum(int(next(iter(f.values())).shape[0]) for f, _ in train)
+    if held_out:
+        assert train_rows == n - round(0.25 * n)
+        assert trainer._heldout is not None
+    else:
+        assert train_rows == n and trainer._heldout is None
