@@ -11,6 +11,7 @@
 #
 # Steps: python 3.11 check -> venv -> (glibc < 2.39: fetch + retag the ml-metadata / TFDV
 # wheels) -> pip install -r lock.txt -> (glibc < 2.39: link the shim) -> import check.
+# A reused venv is import-checked too (a few seconds); --print-path imports nothing.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,8 +39,34 @@ mkdir -p "$VENV_ROOT"
 exec 9>"$VENV_ROOT/.lock-$KEY"
 flock 9
 
+# Import every part of the stack in a fresh interpreter and print its version; on failure
+# name the module and stop. Runs after a build and on every reuse (a few seconds), so a
+# venv damaged after its stamp was written is reported here, not in the middle of a job.
+check_imports() {
+  say "checking the stack imports"
+  TF_CPP_MIN_LOG_LEVEL=3 "$1" - <<'PY' 2> >(grep -v -E "^(WARNING: All log messages|I0000|W0000)" >&2)
+import importlib, importlib.metadata as md, sys
+mods = {"tensorflow": "tensorflow", "keras": "keras", "tfx": "tfx", "ml_metadata": "ml-metadata",
+        "tensorflow_data_validation": "tensorflow-data-validation",
+        "tensorflow_transform": "tensorflow-transform",
+        "tensorflow_model_analysis": "tensorflow-model-analysis", "apache_beam": "apache-beam",
+        "keras_tuner": "keras-tuner", "keras_rs": "keras-rs", "tensorboard": "tensorboard",
+        "tensorflow_serving": "tensorflow-serving-api", "kfp": "kfp"}
+for name, dist in mods.items():
+    try:
+        importlib.import_module(name)
+    except Exception as err:  # report which one and why
+        print(f"[setup] cannot import {name}: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(f"[setup]   {name:28s} {md.version(dist)}")
+PY
+}
+
 if [[ -f "$VENV/.mdmt-ready" ]]; then
   say "reusing $VENV"
+  exec 9>&-  # a finished venv is only read from here on: let other set-ups proceed
+  check_imports "$VENV/bin/python" \
+    || die "the stack does not import in $VENV (the module named above is missing or broken); remove $VENV and rerun to rebuild it"
   echo "$VENV/bin"
   exit 0
 fi
@@ -74,23 +101,7 @@ if "$PYTHON" "$COMPAT" needed >/dev/null; then
 fi
 "$PYTHON" "$COMPAT" verify --python "$VPY" || die "ml_metadata / tensorflow_data_validation do not work in $VENV"
 
-say "checking the stack imports"
-TF_CPP_MIN_LOG_LEVEL=3 "$VPY" - <<'PY' 2> >(grep -v -E "^(WARNING: All log messages|I0000|W0000)" >&2) || die "the stack does not import (the module named above is missing or broken)"
-import importlib, importlib.metadata as md, sys
-mods = {"tensorflow": "tensorflow", "keras": "keras", "tfx": "tfx", "ml_metadata": "ml-metadata",
-        "tensorflow_data_validation": "tensorflow-data-validation",
-        "tensorflow_transform": "tensorflow-transform",
-        "tensorflow_model_analysis": "tensorflow-model-analysis", "apache_beam": "apache-beam",
-        "keras_tuner": "keras-tuner", "keras_rs": "keras-rs", "tensorboard": "tensorboard",
-        "tensorflow_serving": "tensorflow-serving-api", "kfp": "kfp"}
-for name, dist in mods.items():
-    try:
-        importlib.import_module(name)
-    except Exception as err:  # report which one and why
-        print(f"[setup] cannot import {name}: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(1)
-    print(f"[setup]   {name:28s} {md.version(dist)}")
-PY
+check_imports "$VPY" || die "the stack does not import (the module named above is missing or broken)"
 touch "$VENV/.mdmt-ready"
 say "ready"
 echo "$VENV/bin"

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from mdmt_tf.data.synthetic import SyntheticConfig, generate, synthetic_spec
+from mdmt_tf.data.table import ROW
 from mdmt_tf.errors import ConfigError
 
 
@@ -72,6 +73,44 @@ def test_domains_differ_in_what_users_like():
     rates = table.groupby(["domain_id", "cate_id"])["click"].mean().unstack(0)
     corr = rates.corr(method="spearman")
     assert corr.loc["0", "1"] < 0.9 and corr.loc["0", "2"] < 0.9
+
+
+@pytest.mark.parametrize("domains, tasks", [(5, ("click", "like", "buy")), (1, ("click",)), (2, ("a", "b"))])
+def test_configurable_domains_and_tasks(domains, tasks):
+    config = SyntheticConfig(rows=20_000, domains=domains, tasks=tasks, seed=3)
+    spec = synthetic_spec(config)
+    table = generate(config)
+
+    # shapes: one row per impression, the spec's columns (+ the row number), one label per task
+    assert len(table) == 20_000
+    assert spec.tasks == tasks and spec.domains == tuple(str(d) for d in range(domains))
+    assert spec.missing_columns(table.columns) == []
+    assert set(table.columns) - set(spec.columns) == {ROW}
+    assert set(table["domain_id"]) == set(spec.domains)
+    for task in tasks:
+        assert set(table[task].unique()) == {0, 1}, task
+        # every domain has positives and negatives of every task (per-domain AUC is defined)
+        assert table.groupby("domain_id")[task].agg(["min", "max"]).eq([0, 1]).all().all(), task
+
+    # unequal domain sizes, largest first, in the configured proportions
+    share = table["domain_id"].value_counts(normalize=True).reindex(spec.domains).to_numpy()
+    assert np.allclose(share, config.weights(), atol=0.015)
+    if domains > 1:
+        assert (np.diff(share) < 0).all(), share
+
+    # cascade: a later task is positive only where the previous one is, at its rate given it
+    previous = np.ones(len(table), bool)
+    for task, rate in zip(tasks, config.task_rates()):
+        y = table[task].to_numpy() == 1
+        assert not (y & ~previous).any(), task
+        assert abs(y[previous].mean() - rate) < 0.04, (task, y[previous].mean(), rate)
+        previous = y
+
+    # determinism by seed
+    pd.testing.assert_frame_equal(table, generate(config))
+    other = generate(SyntheticConfig(rows=20_000, domains=domains, tasks=tasks, seed=4))
+    assert not table["item_id"].equals(other["item_id"])
+    assert not table[tasks[-1]].equals(other[tasks[-1]])
 
 
 @pytest.mark.parametrize("kwargs", [dict(rows=5), dict(domains=0), dict(domain_weights=(1.0, 2.0)),
