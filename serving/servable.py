@@ -105,11 +105,15 @@ class Servable:
 
     def warm_up(self) -> int:
         """Replay assets.extra/tf_serving_warmup_requests like TF Serving; returns how many
-        requests ran. A failing warmup request fails the load, as in TF Serving."""
+        requests ran (0, with an INFO log line, when the model has no warmup file: not an
+        error, SavedModels exported elsewhere may carry none). A failing warmup request
+        fails the load, as in TF Serving."""
         from tensorflow_serving.apis import prediction_log_pb2
 
         path = self.path / "assets.extra" / WARMUP_FILE
         if not path.exists():
+            log.info("%s version %d: no warmup file found at %s; serving without warmup",
+                     self.name, self.version, path)
             return 0
         count = 0
         for record in tf.data.TFRecordDataset(str(path)).take(MAX_WARMUP_RECORDS):
