@@ -47,7 +47,8 @@ class GateNU(keras.layers.Layer):
 class EPNet(keras.layers.Layer):
     """Embedding personalisation: O_ep = GateNU(E(domain) ++ stop_gradient(E)) * E.
 
-    call(embedding [B, k], domain_embedding [B, k_d]) -> [B, k].
+    call(embedding [B, k], domain_embedding [B, k_d]) -> [B, k]; with return_gate=True,
+    (output, delta [B, k]), delta in (0, scale) the Gate NU's per-sample scaling (reports).
     """
 
     def __init__(self, hidden_units=64, scale=2.0, **kwargs):
@@ -61,9 +62,10 @@ class EPNet(keras.layers.Layer):
         d = domain_embedding_shape[-1]
         self.gate.build((None, k + d))
 
-    def call(self, embedding, domain_embedding):
+    def call(self, embedding, domain_embedding, return_gate=False):
         delta = self.gate(ops.concatenate([domain_embedding, ops.stop_gradient(embedding)], axis=-1))
-        return delta * embedding
+        out = delta * embedding
+        return (out, delta) if return_gate else out
 
     def get_config(self):
         return {**super().get_config(), "hidden_units": self.hidden_units, "scale": self.scale}
@@ -76,6 +78,7 @@ class PPNetTowers(keras.layers.Layer):
 
     call(x [B, k] (O_ep), prior [B, p]) -> logits [B, T]. Layer l of task t computes
     h_{l+1} = act((delta_t^l * h_l) W_t^l + b_t^l), delta^l = GateNU_l(prior ++ sg(x)).
+    With return_gates=True, (logits, [delta^l [B, T, width_l] for each layer]), in (0, scale).
     """
 
     def __init__(self, num_tasks, units=(64,), gate_hidden_units=64, scale=2.0, activation="relu",
@@ -102,16 +105,18 @@ class PPNetTowers(keras.layers.Layer):
             self.biases.append(self.add_weight(name=f"bias_{i}", shape=(t, width), initializer="zeros"))
             fan_in = width
 
-    def call(self, x, prior):
+    def call(self, x, prior, return_gates=False):
         gate_input = ops.concatenate([prior, ops.stop_gradient(x)], axis=-1)
         h = ops.broadcast_to(x[:, None, :], (ops.shape(x)[0], self.num_tasks, x.shape[-1]))
         last = len(self.kernels) - 1
+        deltas = []
         for i, (gate, kernel, bias) in enumerate(zip(self.gates, self.kernels, self.biases)):
             delta = ops.reshape(gate(gate_input), (-1, self.num_tasks, kernel.shape[1]))
+            deltas.append(delta)
             h = ops.einsum("bti,tio->bto", delta * h, kernel) + bias
             if i < last:
                 h = self.activation(h)
-        return h[..., 0]
+        return (h[..., 0], deltas) if return_gates else h[..., 0]
 
     def get_config(self):
         return {**super().get_config(), "num_tasks": self.num_tasks, "units": list(self.units),

@@ -195,7 +195,10 @@ class PEPNetParams(Params):
 class PEPNet(MDMTModel):
     """Parameter and embedding personalised network (Chang et al., KDD 2023): EPNet scales
     the general embeddings by a Gate NU of the domain embedding; PPNet scales every tower
-    layer's input by a Gate NU of the prior (user / item id) embeddings."""
+    layer's input by a Gate NU of the prior (user / item id) embeddings.
+
+    Details: "gate_nu/epnet" [B, n_in] (EPNet's Gate NU per input unit) and "gate_nu/ppnet_<l>"
+    [B, T, width_l] (PPNet's Gate NU of tower layer l's input), each in (0, gate_scale)."""
 
     Params = PEPNetParams
 
@@ -210,11 +213,15 @@ class PEPNet(MDMTModel):
     def forward(self, features, training=None):
         embedded = self.embedding(features, training=training)
         general = self.flat_inputs(embedded, features)
-        o_ep = self.epnet(general, self.domain_embedding(self.domain_index(features)))
+        o_ep, ep_gate = self.epnet(general, self.domain_embedding(self.domain_index(features)), return_gate=True)
         position = {f: i for i, f in enumerate(self.embedding.fields)}
         prior = ops.concatenate([embedded[:, position[f]] for f in self.prior], axis=-1)
-        logits = self.ppnet(o_ep, prior)
-        return self.probabilities(logits), {"logits": logits}
+        logits, pp_gates = self.ppnet(o_ep, prior, return_gates=True)
+        # Gate NU scalings, in (0, gate_scale); "gate_nu/", not "gates/": they scale units,
+        # they are not weights over experts (the gate-utilisation plot reads "gates/")
+        details = {"logits": logits, "gate_nu/epnet": ep_gate}
+        details.update({f"gate_nu/ppnet_{i}": delta for i, delta in enumerate(pp_gates)})
+        return self.probabilities(logits), details
 
 
 # ---------------------------------------------------------------------------- ESMM

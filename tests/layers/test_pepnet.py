@@ -94,6 +94,16 @@ def test_epnet_gate_reads_stop_gradient_embedding():
     assert np.abs(tape.gradient(loss, dom_t).numpy()).max() > 1e-4
 
 
+def test_epnet_return_gate():
+    rng = np.random.default_rng(8)
+    layer, emb, dom = _epnet(rng, scale=2.5)
+    out, delta = layer(emb, dom, return_gate=True)
+    expected = gate_nu_reference(np.concatenate([dom, emb], axis=-1), layer.gate)
+    np.testing.assert_allclose(np_(delta), expected, rtol=RTOL, atol=1e-6)
+    assert np.all((np_(delta) > 0) & (np_(delta) < 2.5))
+    np.testing.assert_array_equal(np_(out), np_(layer(emb, dom)))
+
+
 # --- PPNetTowers ---
 
 def ppnet_reference(x, prior, layer):
@@ -124,6 +134,23 @@ def test_ppnet_numpy_reference(units):
     out = np_(layer(x, prior))
     assert out.shape == (6, 2)
     np.testing.assert_allclose(out, ppnet_reference(x, prior, layer), rtol=RTOL, atol=1e-5)
+
+
+def test_ppnet_return_gates():
+    rng = np.random.default_rng(9)
+    layer = PPNetTowers(num_tasks=2, units=(3,), gate_hidden_units=5, scale=1.5)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    prior = rng.normal(size=(6, 3)).astype("float32")
+    layer(x, prior)
+    _randomise(layer, rng)
+    logits, deltas = layer(x, prior, return_gates=True)
+    np.testing.assert_array_equal(np_(logits), np_(layer(x, prior)))
+    assert [tuple(d.shape) for d in deltas] == [(6, 2, 4), (6, 2, 3)]
+    gate_in = np.concatenate([prior, x], axis=-1)
+    for delta, gate in zip(deltas, layer.gates):
+        np.testing.assert_allclose(np_(delta), gate_nu_reference(gate_in, gate).reshape(np_(delta).shape),
+                                   rtol=RTOL, atol=1e-6)
+        assert np.all((np_(delta) > 0) & (np_(delta) < 1.5))
 
 
 def test_ppnet_golden_neutral_gates():

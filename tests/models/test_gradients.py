@@ -84,17 +84,58 @@ def test_domain_by_task_aftb(aftb_domains, encoded):
     assert (others == 0.0) if aftb_domains else (others > 0)
 
 
+@pytest.mark.parametrize("name", ["m3oe", "m3oe_aftb"])
 @pytest.mark.parametrize("stop", [True, False])
-def test_m3oe_gate_reads_stop_gradient_bottom(stop, encoded, batch):
+def test_m3oe_gate_reads_stop_gradient_bottom(name, stop, encoded, batch):
     schema, _ = encoded
     keras.utils.set_random_seed(3)
-    model = build_model("m3oe", schema, {"gate_stop_gradient": stop})
+    model = build_model(name, schema, {"gate_stop_gradient": stop})
     features, _ = batch
     bottom_vars = model.bottom.trainable_variables + model.star.trainable_variables
+    # m3oe_aftb's gates also read the task inputs: those still train through the gates
+    table = [model.task_embeddings[0].embeddings] if name == "m3oe_aftb" else []
     with tf.GradientTape() as tape:
         _, details = model.forward(features, training=True)
         gate_sum = tf.reduce_sum(details["gates/shared"] * tf.random.stateless_uniform(
             tf.shape(details["gates/shared"]), seed=(1, 2)))
-    grads = [_dense(g, v) for g, v in zip(tape.gradient(gate_sum, bottom_vars), bottom_vars)]
-    total = sum(np.abs(g).sum() for g in grads)
+    variables = bottom_vars + table
+    grads = [_dense(g, v) for g, v in zip(tape.gradient(gate_sum, variables), variables)]
+    total = sum(np.abs(g).sum() for g in grads[:len(bottom_vars)])
     assert (total == 0.0) if stop else (total > 0)
+    if table:
+        assert np.abs(grads[-1]).sum() > 0
+
+
+@pytest.mark.parametrize("name", ["stem", "m3oe_aftb"])
+def test_task_embedding_field_subset(name, encoded, batch):
+    """task_embedding_fields=["user_id"]: each task has a table of user ids only, the other
+    fields come from the shared table; AFTB keeps task 1's table out of task 0's loss."""
+    schema, _ = encoded
+    keras.utils.set_random_seed(4)
+    model = build_model(name, schema, {"task_embedding_fields": ["user_id"]})
+    features, _ = batch
+    k = model.params.embedding_dim
+    # one task-specific table per task, covering user_id only
+    assert [e.fields for e in model.task_embeddings] == [("user_id",)] * schema.num_tasks
+    task_tables = [v for v in model.trainable_variables if "task_embedding" in v.path]
+    assert len(task_tables) == schema.num_tasks
+    assert all(tuple(v.shape) == (schema.sparse_sizes["user_id"], k) for v in task_tables)
+    # the per-task inputs: user_id from the task's own table, every other field shared
+    embedded = model.embedding(features)
+    x = np.asarray(model.task_inputs(embedded, features))
+    for t, table in enumerate(model.task_embeddings):
+        own = np.asarray(table(features))[:, 0]
+        for i, field in enumerate(model.embedding.fields):
+            piece = x[:, t, i * k:(i + 1) * k]
+            np.testing.assert_array_equal(piece, own if field == "user_id" else np.asarray(embedded[:, i]))
+    assert not np.array_equal(np.asarray(model.task_embeddings[0](features)),
+                              np.asarray(model.task_embeddings[1](features)))
+    # gradients: own table yes, the other task's table exactly zero
+    for task, t in (("click", 0), ("like", 1)):
+        g_own, g_other = _task_loss_grads(model, *batch, task, [model.task_embeddings[t].embeddings,
+                                                                model.task_embeddings[1 - t].embeddings])
+        assert np.abs(g_own).sum() > 0, f"{task}: its own user_id table must learn"
+        assert np.all(g_other == 0.0), f"{task}: the other task's table must get no gradient"
+        # exactly the rows of the batch's users
+        users = np.unique(features["user_id"])
+        assert np.all(np.delete(g_own, users, axis=0) == 0.0) and (np.abs(g_own[users]).sum(1) > 0).all()

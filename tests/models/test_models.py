@@ -11,6 +11,30 @@ from tests.models.conftest import take
 
 ALL = model_names()
 
+# Non-default variants, at tiny widths so they stay out of the slow set.
+TINY = {
+    "m3oe": {"embedding_dim": 4, "bottom_units": [16, 8], "expert_units": [8, 4], "tower_units": [4],
+             "num_shared_experts": 2},
+    "stem": {"embedding_dim": 4, "expert_units": [8, 4], "tower_units": [4]},
+}
+TINY["m3oe_aftb"] = TINY["m3oe"]
+VARIANTS = [
+    ("m3oe", {"arch_granularity": "vector"}),
+    ("m3oe", {"shared_gate": "logits"}),
+    ("m3oe", {"gate_stop_gradient": False}),
+    ("m3oe_aftb", {"aftb_domains": True}),
+    ("m3oe_aftb", {"shared_gate": "logits", "arch_granularity": "vector"}),
+    ("m3oe_aftb", {"task_embedding_fields": ["user_id"]}),
+    ("stem", {"aftb": False}),
+    ("stem", {"task_embedding_fields": ["user_id", "item_id"], "num_task_experts": 2}),
+]
+VARIANT_IDS = [f"{name}-" + "-".join(f"{k}={v}" for k, v in params.items()) for name, params in VARIANTS]
+
+
+def _variant(name, params, schema):
+    keras.utils.set_random_seed(0)
+    return build_model(name, schema, {**TINY[name], **params})
+
 
 def _small(name, schema):
     """Default architecture, except smaller widths so the suite stays fast."""
@@ -64,6 +88,25 @@ def test_save_and_reload_give_identical_predictions(name, encoded, tmp_path):
     # move the weights off their initial values (and PartitionedNorm's moving statistics)
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss={t: "binary_crossentropy" for t in schema.tasks})
     model.fit(features, labels, epochs=2, batch_size=32, verbose=0)
+    _check_save_and_reload(model, schema, features, tmp_path)
+
+
+@pytest.mark.parametrize("name, params", VARIANTS, ids=VARIANT_IDS)
+def test_variants_save_and_reload_give_identical_predictions(name, params, encoded, tmp_path):
+    schema, splits = encoded
+    features, _ = take(*splits["test"], range(64))
+    model = _variant(name, params, schema)
+    for key, value in params.items():
+        assert getattr(model.params, key) == (tuple(value) if isinstance(value, list) else value)
+    # move every variable (alpha, beta, gate logits included) off its initial value
+    rng = np.random.default_rng(0)
+    for variable in model.variables:
+        assert "float" in variable.dtype, variable.path
+        variable.assign(np.asarray(variable) + rng.normal(0, 0.3, variable.shape).astype(variable.dtype))
+    _check_save_and_reload(model, schema, features, tmp_path)
+
+
+def _check_save_and_reload(model, schema, features, tmp_path):
     expected = {t: np.asarray(v) for t, v in model(features).items()}
 
     model.save(tmp_path / "model.keras")
@@ -85,15 +128,16 @@ def test_save_and_reload_give_identical_predictions(name, encoded, tmp_path):
         np.testing.assert_allclose(out[task].numpy(), expected[task], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_batch_with_empty_domains_has_no_nan(name, encoded):
+@pytest.mark.parametrize("name, params", [(n, None) for n in ALL] + VARIANTS, ids=ALL + VARIANT_IDS)
+def test_batch_with_empty_domains_has_no_nan(name, params, encoded):
     """A batch holding one domain only (the others empty): finite outputs and gradients,
     in training mode (STAR's partitioned norm uses per-domain batch moments there)."""
     schema, splits = encoded
     features, labels = splits["train"]
     rows = np.flatnonzero(features[schema.domain] == schema.num_domains - 1)[:16]
+    assert len(rows) == 16
     features, labels = take(features, labels, rows)
-    model = _small(name, schema)
+    model = _small(name, schema) if params is None else _variant(name, params, schema)
     with tf.GradientTape() as tape:
         loss = _bce(model, features, labels, training=True)
     grads = tape.gradient(loss, model.trainable_variables)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from mdmt_tf.errors import ConfigError
@@ -99,3 +100,86 @@ def test_gate_logits_are_architecture_variables(encoded):
     model = build_model("m3oe", schema, {"shared_gate": "logits"})
     paths = [v.path for v in model.architecture_variables]
     assert any("gate_logits" in p for p in paths) and len(paths) == 5
+
+
+ARCH_KEYS = ["amplitude/alpha_domain", "amplitude/alpha_task", "domain_balance/beta", "task_balance/beta"]
+
+
+def _expected_explain_shapes(name, model, schema, n):
+    """{key: shape} `explain` must return for a batch of n rows of the synthetic schema."""
+    d, t, p = schema.num_domains, schema.num_tasks, model.params
+    n_in = len(schema.sparse) * p.embedding_dim + len(schema.dense)  # STAR, PEPNet: domain not a field
+    shapes = {"logits": (n, t)}
+    if name in ("m3oe", "m3oe_aftb"):
+        experts = p.num_shared_experts + (d + t if name == "m3oe_aftb" else 0)
+        shapes["gates/shared"] = (n, t, experts)
+        arch_shape = {"alpha_domain": (1,), "alpha_task": (1,), "beta": (1,)}
+        shapes.update({f"{name}/{k}": arch_shape[k.rsplit("/", 1)[1]] for k in ARCH_KEYS})
+    elif name == "stem":
+        shapes["gates/tasks"] = (n, t, p.num_shared_experts + t * p.num_task_experts)
+    elif name == "mmoe":
+        shapes["gates/tasks"] = (n, t, p.num_experts)
+    elif name == "ple":
+        shapes["gates/tasks"] = (n, t, p.num_task_experts + p.num_shared_experts)
+    elif name == "pepnet":
+        shapes["gate_nu/epnet"] = (n, n_in)
+        for i, width in enumerate((n_in,) + p.tower_units):
+            shapes[f"gate_nu/ppnet_{i}"] = (n, t, width)
+    elif name == "esmm":
+        shapes["conditional"] = (n, t)
+    else:
+        assert name in ("mlp", "shared_bottom", "star"), f"{name}: add its explain keys here"
+    return shapes
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_explain_reports_every_model(name, encoded):
+    from tests.models.conftest import take
+
+    schema, splits = encoded
+    features, _ = take(*splits["test"], range(20))
+    model = build_model(name, schema)
+    details = model.explain(features)
+    expected = _expected_explain_shapes(name, model, schema, 20)
+    assert sorted(details) == sorted(expected)
+    for key, shape in expected.items():
+        assert isinstance(details[key], np.ndarray) and details[key].shape == shape, (key, details[key].shape)
+        assert np.isfinite(details[key]).all(), key
+    # the reported logits are the ones the model scores with (ESMM: its conditionals cascade)
+    out = model(features)
+    if name != "esmm":
+        for i, task in enumerate(schema.tasks):
+            np.testing.assert_allclose(1 / (1 + np.exp(-details["logits"][:, i])), np.asarray(out[task])[:, 0],
+                                       rtol=1e-5, atol=1e-6)
+    for key, value in details.items():
+        if key.startswith("gates/"):  # softmax gates: a distribution over experts per sample and task
+            assert (value >= 0).all() and np.abs(value.sum(-1) - 1).max() < 1e-5, key
+        if key.startswith("gate_nu/"):  # PEPNet's Gate NU: gate_scale * sigmoid, per sample and unit
+            assert ((value > 0) & (value < model.params.gate_scale)).all(), key
+            assert value.std(axis=0).max() > 0, f"{key} must vary across samples"
+    arch = [k for k in details if "alpha" in k or "beta" in k]
+    if name in ("m3oe", "m3oe_aftb"):
+        assert len(arch) == 4
+        for key in arch:  # sigmoid of the raw value, arch_init 1 -> sigmoid(1)
+            np.testing.assert_allclose(details[key], 1 / (1 + np.exp(-1.0)), rtol=1e-6)
+    else:
+        assert arch == []
+
+
+def test_pepnet_explain_reports_the_gates_it_applies(encoded):
+    """Zeroed Gate NU kernels with out-bias b: every reported value is gate_scale * sigmoid(b)."""
+    from tests.models.conftest import take
+
+    schema, splits = encoded
+    features, _ = take(*splits["test"], range(8))
+    model = build_model("pepnet", schema, {"gate_scale": 3.0, "tower_units": [8]})
+    gates = [model.epnet.gate] + list(model.ppnet.gates)
+    for i, gate in enumerate(gates):
+        for variable in gate.trainable_variables:
+            variable.assign(np.zeros(variable.shape, "float32"))
+        gate.out.bias.assign(np.full(gate.out.bias.shape, 0.5 * i - 0.5, "float32"))
+    details = model.explain(features)
+    want = [3.0 / (1 + np.exp(-(0.5 * i - 0.5))) for i in range(len(gates))]
+    np.testing.assert_allclose(details["gate_nu/epnet"], want[0], rtol=1e-6)
+    for i in range(len(gates) - 1):
+        np.testing.assert_allclose(details[f"gate_nu/ppnet_{i}"], want[i + 1], rtol=1e-6)
