@@ -15,8 +15,10 @@ def run(config: PipelineConfig, beam_args: list[str] | None = None):
     from absl import logging
     from tfx import v1 as tfx
 
+    from pipeline.preflight import check_csv_inputs
     from pipeline.results import summarize
 
+    check_csv_inputs(config)
     logging.set_verbosity(logging.INFO)
     Path(config.metadata_path).parent.mkdir(parents=True, exist_ok=True)
     Path(config.pipeline_root).mkdir(parents=True, exist_ok=True)

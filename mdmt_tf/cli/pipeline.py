@@ -94,6 +94,8 @@ def cmd_run(args) -> int:
 
     try:
         summary = run(config, beam_args=args.beam_arg)
+    except DataError:  # the inputs' pre-flight check: file, line and column named
+        raise
     except Exception as err:  # a component failed: say which and why, in one line when it is the data
         cause = _find(err, DataAnomaliesError)
         if cause is not None:

@@ -30,6 +30,27 @@ def _executions(metadata_path):
     return counts
 
 
+def _latest_states(metadata_path):
+    """{component: last_known_state name of its newest execution}."""
+    from ml_metadata.proto import metadata_store_pb2
+
+    from pipeline.results import store_for
+
+    latest = {}
+    for execution in sorted(store_for(metadata_path).get_executions(), key=lambda e: e.id):
+        node = execution.custom_properties.get("__tfx_node_id__")
+        name = (node.string_value if node is not None else execution.type).rsplit(".", 1)[-1]
+        latest[name] = metadata_store_pb2.Execution.State.Name(execution.last_known_state)
+    return latest
+
+
+def _newest(pattern):
+    import glob
+    import os
+
+    return Path(max(glob.glob(pattern), key=os.path.getmtime))
+
+
 def _versions(config):
     return sorted(p for p in Path(config.serving_dir).iterdir() if p.name.isdigit())
 
@@ -83,6 +104,8 @@ def test_every_component_runs_once_and_a_model_is_pushed(first_run, pipeline_dat
         p = out[task].numpy()
         assert p.shape == (40,) and ((p > 0) & (p < 1)).all()
     assert (versions[0] / "assets.extra" / "tf_serving_warmup_requests").exists()
+    vocabularies = [p.name for p in (versions[0] / "assets").iterdir()]  # Transform's, shipped with the model
+    assert any("user_id" in name for name in vocabularies) and any("item_id" in name for name in vocabularies)
     raw = [tf.train.Example.FromString(e) for e in examples[:5]]
     for example, label in zip(raw, pd.read_csv(pipeline_data[0] / "test.csv", dtype=str)["click"].head(5)):
         example.features.feature["click"].int64_list.value.append(int(label))
@@ -113,6 +136,36 @@ def test_a_model_below_the_threshold_is_not_pushed(first_run):
     summary = run(strict)
     assert summary.blessed is False and summary.pushed_to is None
     assert len(_versions(config)) == 1  # the earlier push stays, nothing new
+    states = _latest_states(config.metadata_path)  # same data and training: TFX's cache
+    for component in ("CsvExampleGen", "Transform", "Tuner", "Trainer"):
+        assert states[component] == "CACHED", (component, states)
+    assert states["Evaluator"] == "COMPLETE"  # the thresholds changed
+
+
+def test_a_regression_against_the_blessed_model_is_not_pushed(first_run):
+    """An M3oE Trainer that barely trains (weight lr 1e-7) clears an AUC floor of 0 but
+    drops against the last blessed model: the change threshold refuses it. The same run
+    shows the Trainer's bi-level search: alpha / beta moved from sigma(1)."""
+    import tensorflow_model_analysis as tfma
+
+    from pipeline.local_runner import run
+
+    config, _ = first_run
+    worse = dataclasses.replace(
+        config, tune=False, auc_floor=0.0, max_auc_drop=0.0,
+        model={"name": "m3oe", "params": {"bottom_units": [16, 8], "expert_units": [8, 4], "tower_units": [4],
+                                          "embedding_dim": 4}},
+        train={"epochs": 1, "batch_size": 256, "learning_rate": 1e-7, "patience": 1})
+    summary = run(worse)
+    assert summary.blessed is False and summary.pushed_to is None
+    assert len(_versions(config)) == 1
+    validation = tfma.load_validation_result(str(_newest(f"{config.pipeline_root}/Evaluator/evaluation/*")))
+    assert not validation.validation_ok
+    failed = [f for slice_failures in validation.metric_validations_per_slice for f in slice_failures.failures]
+    assert failed and all(f.metric_key.is_diff for f in failed)  # the change threshold, not the floor
+    trained = json.loads((_newest(f"{config.pipeline_root}/Trainer/model_run/*") / "metrics.json").read_text())
+    assert trained["model"] == "m3oe" and trained["steps"]["architecture"] == trained["steps"]["weight"] > 0
+    assert trained["arch"]["alpha"]["domain"] != pytest.approx(0.7310586, abs=1e-4)
 
 
 def test_anomalies_stop_the_run_before_training(first_run, pipeline_data, tmp_path):
@@ -151,7 +204,7 @@ def test_kubeflow_compile_names_every_component(pipeline_data, tmp_path):
     config = make_config(tmp_path, data_root, spec)
     path = compile_pipeline(config, tmp_path / "kfp" / "pipeline.json", image="example.com/mdmt:test")
     job = json.loads(path.read_text())
-    parsed = json_format.ParseDict(job["pipelineSpec"], pipeline_spec_pb2.PipelineSpec(), ignore_unknown_fields=True)
+    parsed = json_format.ParseDict(job["pipelineSpec"], pipeline_spec_pb2.PipelineSpec())
     tasks = set(parsed.root.dag.tasks)
     for component in COMPONENTS:
         if component != "Tuner":  # compiled without --tune
