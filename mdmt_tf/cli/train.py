@@ -68,10 +68,11 @@ def train_config_from_args(args):
     mamdr = MAMDRConfig(inner_lr=args.mamdr_inner_lr, outer_lr=args.mamdr_outer_lr, dr_lr=args.mamdr_dr_lr,
                         k=args.mamdr_k, inner_steps=args.mamdr_inner_steps,
                         inner_optimizer=args.mamdr_inner_optimizer, scope=args.mamdr_scope)
-    return TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=pick("lr", "learning_rate", 1e-3),
+    return TrainConfig(epochs=pick("epochs", "epochs", 20), batch_size=pick("batch_size", "batch_size", 2048),
+                       learning_rate=pick("lr", "learning_rate", 1e-3),
                        arch_learning_rate=pick("arch_lr", "arch_learning_rate", 3e-3),
                        arch_mode=pick("arch_mode", "arch_mode", "bilevel"), arch_period=args.arch_period,
-                       arch_data=args.arch_data, patience=args.patience, seed=args.seed,
+                       arch_data=args.arch_data, patience=pick("patience", "patience", 3), seed=args.seed,
                        task_weights=tuple(sorted(weights.items())), loss_reduction=args.loss_reduction,
                        strategy=args.strategy, mamdr=mamdr, precision=args.precision,
                        jit_compile=args.jit, min_count=args.min_count, distribute=args.strategy_distribute)
@@ -120,8 +121,8 @@ def cmd_evaluate(args) -> int:
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--epochs", type=int, default=None, help="default 20 (or the search's, with --hparams)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 2048 (or the search's, with --hparams)")
     p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
     p.add_argument("--lr", type=float, default=None, help="weight learning rate (Adam; default 1e-3 or --hparams')")
     p.add_argument("--arch-mode", default=None, choices=("bilevel", "joint", "fixed", "authors"),
@@ -129,7 +130,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-lr", type=float, default=None, help="architecture learning rate (Adam; default 3e-3)")
     p.add_argument("--arch-period", type=int, default=1, help="an architecture step every N weight steps")
     p.add_argument("--arch-data", default="val", help="held-out stream: 'val' or 'holdout:FRACTION' of training")
-    p.add_argument("--patience", type=int, default=3, help="epochs without val_mean_auc gain before stopping")
+    p.add_argument("--patience", type=int, default=None,
+                   help="epochs without val_mean_auc gain before stopping; default 3 (or the search's, with --hparams)")
     p.add_argument("--task-weight", action="append", metavar="TASK=W", help="loss weight of a task (default 1)")
     p.add_argument("--loss-reduction", default="pair", choices=("pair", "sample"),
                    help="'pair': mean per (domain, task) then summed; 'sample': mean over the batch per task")

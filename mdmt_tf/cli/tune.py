@@ -10,19 +10,28 @@ from mdmt_tf.cli.train import _key_values, load_data
 
 def cmd_tune(args) -> int:
     from mdmt_tf.training.fit import EncodedData, TrainConfig
-    from mdmt_tf.tuning.search import distributed_environment, run_search
+    from mdmt_tf.tuning.search import distributed_environment, hyperband_schedule, run_search
 
     if args.distributed:
         os.environ.update(distributed_environment(args.distributed, args.oracle_ip, args.oracle_port,
                                                   args.tuner_id))
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, patience=args.patience,
                          precision=args.precision)
+    if args.tuner == "hyperband":
+        schedule = hyperband_schedule(args.epochs)
+        capped = args.max_trials is not None and args.max_trials < schedule
+        print(f"hyperband: {schedule} trials for --epochs {args.epochs} (max epochs per trial, factor 3)"
+              + (f"; --max-trials {args.max_trials} stops it after {args.max_trials}" if capped else ""))
     encoded = EncodedData.from_data(load_data(args))
     best = run_search(args.model, encoded, config, args.out, kind=args.tuner, max_trials=args.max_trials,
                       seed=args.seed, fixed=_key_values(args.fix, "--fix"), overwrite=args.overwrite,
                       verbose=1 if args.verbose else 0)
     if best is None:
-        print(f"worker {args.tuner_id}: done")
+        from mdmt_tf.tuning.search import TRIAL_LOG
+
+        log = os.path.join(args.out, TRIAL_LOG, f"{args.tuner_id}.csv")
+        ran = [line.split(",")[0] for line in open(log).read().splitlines()] if os.path.exists(log) else []
+        print(f"worker {args.tuner_id}: done (ran trials: {', '.join(ran) or 'none'})")
         return 0
     print((open(os.path.join(args.out, "trials.md")).read()))
     print(f"best val_mean_auc {best['objective']['value']:.4f} (trial {best['objective']['trial']}): "
@@ -38,9 +47,16 @@ def add_parsers(verbs) -> None:
     p.add_argument("--model", required=True)
     add_data_flags(p)
     p.add_argument("--out", required=True, help="search directory; rerunning continues the search")
-    p.add_argument("--tuner", default="random", choices=("random", "bayesian", "hyperband"))
-    p.add_argument("--max-trials", type=int, default=10)
-    p.add_argument("--epochs", type=int, default=10, help="epochs per trial (early stopping on val_mean_auc)")
+    p.add_argument("--tuner", default="random", choices=("random", "bayesian", "hyperband"),
+                   help="random; bayesian (Gaussian process after a random third of the trials); hyperband "
+                        "(successive halving: one iteration of brackets, max epochs = --epochs, factor 3)")
+    p.add_argument("--max-trials", type=int, default=None,
+                   help="random / bayesian: the number of trials. hyperband: its schedule sets the number of "
+                        "trials from --epochs (2 epochs: 2 trials, 3: 6, 5: 10, 10: 30); --max-trials caps it, "
+                        "stopping the search after N trials even inside a bracket (default: %(default)s = 10 "
+                        "trials for random / bayesian, the whole schedule for hyperband)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs per trial (early stopping on val_mean_auc); "
+                                                           "hyperband: the most epochs a trial trains")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--patience", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

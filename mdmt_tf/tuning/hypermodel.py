@@ -23,6 +23,7 @@ from mdmt_tf.training.trainer import MDMTTrainer
 
 OBJECTIVE = "val_mean_auc"
 TRAIN_PREFIX = "train."
+SCHEDULE_PREFIX = "tuner/"  # Hyperband's bookkeeping values (tuner/epochs, tuner/trial_id...): not the model's
 UNIT_KEYS = ("expert_units", "tower_units", "bottom_units", "units", "star_units", "aux_units")
 
 
@@ -109,9 +110,12 @@ def _declare_training(hp, has_architecture: bool) -> None:
 
 
 def split_values(values: dict) -> tuple[dict, dict]:
-    """Tuner values -> (model params, training settings); "256,64" -> [256, 64]."""
+    """Tuner values -> (model params, training settings); "256,64" -> [256, 64]. Hyperband's
+    schedule values (tuner/epochs, tuner/initial_epoch, tuner/trial_id...) are dropped."""
     model, train = {}, {}
     for name, value in values.items():
+        if name.startswith(SCHEDULE_PREFIX):
+            continue
         if name.startswith(TRAIN_PREFIX):
             train[name[len(TRAIN_PREFIX):]] = value
         elif name in UNIT_KEYS and isinstance(value, str):

@@ -11,11 +11,14 @@ from mdmt_tf.tuning.search import make_tuner
 def tuner_for_artifacts(*, train_files, eval_files, transform_output_dir: str, working_dir: str, spec: dict,
                         model: dict, train: dict, tune: dict):
     """-> (keras_tuner tuner, fit kwargs) for TFX's TunerFnResult. `tune`: tuner, max_trials,
-    epochs (per trial), seed."""
+    epochs (per trial), seed. max_trials: the trials of random / bayesian (default 3); for
+    hyperband a cap on its schedule (absent: the whole schedule, see search.hyperband_schedule)."""
     dataset_spec = DatasetSpec.from_dict(spec)
     encoded = encoded_from_artifacts(train_files, eval_files, transform_output_dir, dataset_spec)
     config = TrainConfig.from_dict({**train, "epochs": int(tune.get("epochs", train.get("epochs", 5)))})
     hypermodel = MDMTHyperModel(model["name"], encoded, config, fixed=tune.get("fixed"))
-    tuner = make_tuner(hypermodel, tune.get("tuner", "random"), working_dir, int(tune.get("max_trials", 3)),
+    kind = tune.get("tuner", "random")
+    max_trials = tune.get("max_trials", None if kind == "hyperband" else 3)
+    tuner = make_tuner(hypermodel, kind, working_dir, None if max_trials is None else int(max_trials),
                        int(tune.get("seed", 0)), overwrite=True, max_epochs=config.epochs)
     return tuner, {}

@@ -1,3 +1,4 @@
+import csv
 import json
 import os
 import socket
@@ -115,12 +116,21 @@ def test_distributed_chief_and_two_workers(tmp_path):
     outputs = [w.communicate(timeout=900) for w in workers]
     chief_out, chief_err = chief.communicate(timeout=300)
     assert chief.returncode == 0, chief_err[-2000:]
-    for worker, (out, err) in zip(workers, outputs):
+    ran = {}  # worker -> the trials it ran, from its trial log (written as each trial ends, before the oracle hears)
+    for i, (worker, (out, err)) in enumerate(zip(workers, outputs)):
         assert worker.returncode == 0, err[-2000:]
-        assert "done" in out
-    rows = (tmp_path / "search" / "trials.csv").read_text().splitlines()[1:]
-    ids = [r.split(",")[0] for r in rows]
-    assert len(ids) == 4 == len(set(ids)) and all(",COMPLETED," in r for r in rows)
+        log = tmp_path / "search" / "trial_log" / f"tuner{i}.csv"
+        ran[f"tuner{i}"] = [line.split(",") for line in log.read_text().splitlines()] if log.exists() else []
+        assert f"worker tuner{i}: done (ran trials: {', '.join(t for t, _ in ran[f'tuner{i}']) or 'none'})" in out
+    assert {p.stem for p in (tmp_path / "search" / "trial_log").iterdir()} <= {"tuner0", "tuner1"}  # not the chief
+    with open(tmp_path / "search" / "trials.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ids = [r["trial"] for r in rows]
+    assert len(ids) == 4 == len(set(ids)) and all(r["status"] == "COMPLETED" for r in rows)
+    runs = [trial for trials in ran.values() for trial, status in trials]
+    assert sorted(runs) == sorted(ids)  # every trial ran, and none ran twice (also not on both workers)
+    assert all(status == "COMPLETED" for trials in ran.values() for _, status in trials)
+    assert {r["trial"]: r["tuner"] for r in rows} == {t: w for w, trials in ran.items() for t, _ in trials}
 
 
 def test_distributed_environment():
