@@ -58,20 +58,37 @@ class _Rest:
         url = f"{self.base}/v1/models/{self.model_path}{suffix}"
         data = None if body is None else json.dumps(body, allow_nan=True)  # TF Serving accepts NaN / Infinity
         headers = {"Content-Type": "application/json"} if data is not None else None
+        # `timeout` bounds the whole call, like gRPC's deadline: requests' own timeout bounds
+        # each wait for data, so the body is streamed and the deadline checked per chunk
+        deadline = time.monotonic() + self.timeout
+        late = ServingError("rest", "DEADLINE_EXCEEDED", f"no answer within {self.timeout} s", self.base)
         try:
-            reply = self.session.request(method, url, data=data, headers=headers, timeout=self.timeout)
+            reply = self.session.request(method, url, data=data, headers=headers, timeout=self.timeout, stream=True)
+            chunks = []
+            while True:  # read1: whatever has arrived (one socket read), so slow bodies are noticed
+                chunk = reply.raw.read1(1 << 16, decode_content=True)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    reply.close()
+                    raise late
+            body_bytes = b"".join(chunks)
         except requests.exceptions.ConnectTimeout as err:
             raise ServingError("rest", "UNAVAILABLE", f"cannot connect: {err}", self.base) from None
-        except requests.exceptions.Timeout:
-            raise ServingError("rest", "DEADLINE_EXCEEDED", f"no answer within {self.timeout} s", self.base) from None
+        except (requests.exceptions.Timeout, requests.exceptions.ConnectionError) as err:
+            if isinstance(err, requests.exceptions.Timeout) or time.monotonic() > deadline:
+                raise late from None
+            raise ServingError("rest", "UNAVAILABLE", f"cannot connect: {err}", self.base) from None
         except requests.exceptions.RequestException as err:
             raise ServingError("rest", "UNAVAILABLE", f"cannot connect: {err}", self.base) from None
+        text = body_bytes.decode("utf-8", errors="replace")
         try:
-            doc = reply.json()
+            doc = json.loads(text)
         except ValueError:
-            doc = {"error": reply.text[:500] or reply.reason}
+            doc = {"error": text[:500] or reply.reason}
         if reply.status_code != 200:
-            message = doc.get("error", reply.text[:500]) if isinstance(doc, dict) else reply.text[:500]
+            message = doc.get("error", text[:500]) if isinstance(doc, dict) else text[:500]
             raise ServingError("rest", reply.status_code, str(message), self.base)
         return doc
 

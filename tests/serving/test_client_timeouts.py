@@ -165,3 +165,41 @@ def test_a_fast_enough_server_is_not_cut_off(slow_rest, slow_grpc, protocol):
         outputs = client.predict_examples([b"x"])
     assert list(outputs) == ["click"]
     np.testing.assert_allclose(outputs["click"], [0.5])
+
+
+class TrickleHttp(SlowHttp):
+    """Answers :predict at once but sends the body one byte every 0.1 s: each read is quick,
+    the whole answer takes seconds."""
+
+    def __init__(self):
+        super().__init__()
+        owner = self
+
+        class Handler(self.server.RequestHandlerClass):
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                owner.predicts += 1
+                payload = json.dumps({"outputs": {"click": [0.5]}, "pad": " " * 40}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    for i in range(len(payload)):
+                        self.wfile.write(payload[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                except OSError:  # the client hung up
+                    pass
+
+        self.server.RequestHandlerClass = Handler
+
+
+def test_rest_timeout_bounds_the_whole_answer_not_each_read():
+    fake = TrickleHttp()
+    try:
+        with ServingClient(fake.target, timeout=TIMEOUT, retries=0) as client:
+            err, elapsed = _timed_predict(client)
+    finally:
+        fake.close()
+    _check(err, elapsed, "rest")
