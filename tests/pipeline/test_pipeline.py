@@ -223,3 +223,46 @@ def test_pipeline_on_movielens(ml100k_dir, tmp_path):
     assert {"<25/click", "25-34/like", ">=35/click"} <= set(summary.auc)
     assert summary.auc["(all)/click"] > 0.6
     assert summary.blessed is True and summary.pushed_to
+
+
+def test_tfrecord_inputs_and_a_curated_schema(first_run, pipeline_data, tmp_path):
+    """ImportExampleGen reads train/val/test .tfrecord files; ImportSchemaGen takes a schema
+    the user curated in place of inference. The first run's curated schema (from CSV, where
+    the domain column reads as INT) does not fit records that carry the domain as bytes: the
+    run stops at the validator naming the feature; with the type fixed it trains and pushes."""
+    import glob
+
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    from mdmt_tf.data.readers import write_tfrecord
+    from mdmt_tf.spec import DatasetSpec
+    from pipeline.local_runner import run
+    from pipeline.schema_rules import DataAnomaliesError
+
+    config, _ = first_run
+    data_root, spec = pipeline_data
+    records = tmp_path / "records"
+    records.mkdir()
+    for split in ("train", "val", "test"):
+        write_tfrecord(pd.read_csv(data_root / f"{split}.csv", dtype=str), records / f"{split}.tfrecord",
+                       DatasetSpec.from_dict(spec))
+    from_csv = glob.glob(f"{config.pipeline_root}/SchemaCurator/curated_schema/*/schema.pbtxt")[0]
+    fresh = make_config(tmp_path, records, spec, schema_path=from_csv)
+    with pytest.raises(DataAnomaliesError, match=r"feature 'domain_id': Unexpected data type \(Expected data of "
+                                                 r"type: INT but got STRING\)"):
+        run(fresh)
+    assert "Trainer" not in _executions(fresh.metadata_path)
+
+    schema = text_format.Parse(Path(from_csv).read_text(), schema_pb2.Schema())
+    domain = next(f for f in schema.feature if f.name == "domain_id")
+    domain.type = schema_pb2.BYTES
+    domain.ClearField("int_domain")
+    fixed = tmp_path / "schema.pbtxt"
+    fixed.write_text(text_format.MessageToString(schema))
+    summary = run(dataclasses.replace(fresh, schema_path=str(fixed)))
+    counts = _executions(fresh.metadata_path)
+    assert counts.get("ImportExampleGen") == counts.get("ImportSchemaGen") == 2  # one per run
+    assert "SchemaGen" not in counts and "CsvExampleGen" not in counts and counts.get("Trainer") == 1
+    assert summary.blessed is True and len(_versions(fresh)) == 1
+    assert {f"{d}/{t}" for d in ("0", "1", "2") for t in ("click", "like")} <= set(summary.auc)
