@@ -295,9 +295,19 @@ class Run:
         path.write_text(json.dumps(current, indent=1))
 
     # ------------------------------------------------------------------ pieces
+    def _data_seed(self) -> int:
+        """The shuffling seed: the configured one for a fresh run; for a run resuming after
+        epoch k one derived from (seed, k), so it does not replay the first epochs' orders
+        (tf.data's per-iteration reshuffling restarts with a new dataset). A resumed run is
+        therefore not bit-identical to an uninterrupted one."""
+        state = self.out / "checkpoints" / "state.json"
+        epoch = json.loads(state.read_text()).get("epoch", 0) if state.exists() else 0
+        return self.config.seed if epoch == 0 else self.config.seed * 1_000_003 + 7919 * epoch
+
     def _trainer(self, model, enc: EncodedData):
         c = self.config
         weights = dict(c.task_weights)
+        seed = self._data_seed()
         if c.strategy != "plain":
             domains = sorted(set(enc.domain["train"].tolist()))
             trainer = MAMDRTrainer(model, strategy=c.strategy, domains=domains, inner_lr=c.mamdr.inner_lr,
@@ -309,7 +319,7 @@ class Run:
             for d in domains:
                 rows = np.flatnonzero(enc.domain["train"] == d)
                 datasets.append(make_dataset(_take(enc.features["train"], rows), _take(enc.labels["train"], rows),
-                                             batch_size=c.batch_size, shuffle=True, seed=c.seed + d, repeat=True,
+                                             batch_size=c.batch_size, shuffle=True, seed=seed + d, repeat=True,
                                              drop_remainder=False))
             steps = max(1, enc.rows("train") // (c.batch_size * len(domains)))
             return trainer, tf.data.Dataset.zip(tuple(datasets)), steps, c.batch_size * len(domains)
@@ -325,17 +335,17 @@ class Run:
             cut = int(round(fraction * len(order)))
             held, train_rows = np.sort(order[:cut]), np.sort(order[cut:])
             heldout = make_dataset(_take(enc.features["train"], held), _take(enc.labels["train"], held),
-                                   batch_size=c.batch_size, shuffle=True, seed=c.seed + 1)
+                                   batch_size=c.batch_size, shuffle=True, seed=seed + 1)
         elif searching:
             heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
-                                   seed=c.seed + 1)
+                                   seed=seed + 1)
         steps = int(np.ceil(len(train_rows) / c.batch_size))
         trainer = MDMTTrainer(model, arch_mode=c.arch_mode, learning_rate=c.learning_rate,
                               arch_learning_rate=c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
                               steps_per_epoch=steps, task_weights=weights, loss_reduction=c.loss_reduction,
                               jit_compile=c.jit_compile)
         train = make_dataset(_take(enc.features["train"], train_rows), _take(enc.labels["train"], train_rows),
-                             batch_size=c.batch_size, shuffle=True, seed=c.seed)
+                             batch_size=c.batch_size, shuffle=True, seed=seed)
         return trainer, train, None, c.batch_size
 
     # ------------------------------------------------------------------ run
