@@ -70,6 +70,14 @@ def arch_trajectories(points: list[dict], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def domain_means(values: np.ndarray, domain: np.ndarray, num_domains: int) -> np.ndarray:
+    """[num_domains, units]: the mean of `values` [B, units] over each domain's rows (NaN
+    for a domain without rows)."""
+    values = np.asarray(values)
+    return np.array([values[domain == i].mean(axis=0) if (domain == i).any() else np.full(values.shape[1], np.nan)
+                     for i in range(num_domains)])
+
+
 def gate_utilisation(gates: dict, domain: np.ndarray, domains, tasks, path: Path) -> Path | None:
     """Mean gate weight per expert, per domain, one panel per gate set and task."""
     panels = [(name, weights) for name, weights in gates.items() if np.ndim(weights) == 3]
@@ -82,8 +90,7 @@ def gate_utilisation(gates: dict, domain: np.ndarray, domains, tasks, path: Path
         for t in range(weights.shape[1]):
             ax = axes[0, k]
             k += 1
-            grid = np.array([weights[domain == i, t].mean(axis=0) if (domain == i).any()
-                             else np.full(weights.shape[2], np.nan) for i in range(len(domains))])
+            grid = domain_means(weights[:, t], domain, len(domains))
             top = max(float(np.nanmax(grid)), 1e-6)
             ax.imshow(grid, cmap="magma", vmin=0, vmax=top, aspect="auto")
             for i in range(grid.shape[0]):
@@ -95,6 +102,33 @@ def gate_utilisation(gates: dict, domain: np.ndarray, domains, tasks, path: Path
             ax.set_xlabel("expert")
             ax.set_title(f"{name.split('/')[-1]} gate, task {tasks[t] if t < len(tasks) else t}", fontsize=9)
     fig.suptitle("gate utilisation per domain (mean weight on each expert)")
+    return _save(fig, path)
+
+
+def gate_nu(scalings: dict, domain: np.ndarray, domains, tasks, path: Path) -> Path | None:
+    """PEPNet's Gate NU scalings: mean per domain and unit, one panel per EPNet input
+    ([B, units]) and per PPNet layer and task ([B, tasks, units]); 1.0 leaves a unit as is."""
+    panels = []
+    for name, values in scalings.items():
+        values = np.asarray(values)
+        if values.ndim == 2:
+            panels.append((name.split("/")[-1], values))
+        elif values.ndim == 3:
+            panels.extend((f"{name.split('/')[-1]}, task {tasks[t] if t < len(tasks) else t}", values[:, t])
+                          for t in range(values.shape[1]))
+    if not panels:
+        return None
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 1.0 + 0.9 * len(panels) * max(1, len(domains) / 3)),
+                             squeeze=False)
+    top = max(float(np.nanmax(v)) for _, v in panels)
+    for ax, (title, values) in zip(axes[:, 0], panels):
+        grid = domain_means(values, domain, len(domains))
+        image = ax.imshow(grid, cmap="coolwarm", vmin=0, vmax=top, aspect="auto", interpolation="nearest")
+        ax.set_yticks(range(len(domains)), domains)
+        ax.set_title(f"{title} ({grid.shape[1]} units)", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.02)
+    axes[-1, 0].set_xlabel("unit")
+    fig.suptitle("PEPNet Gate NU scaling per domain (mean over validation samples)")
     return _save(fig, path)
 
 

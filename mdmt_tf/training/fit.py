@@ -8,7 +8,7 @@ A run directory holds:
   model/            the SavedModel (serving_default, predict_raw)
   metrics.json      see mdmt_tf.report.metrics
   plots/            auc_heatmap.png, training_curves.png, arch_trajectories.png,
-                    gate_utilisation.png
+                    gate_utilisation.png (gate_nu.png for PEPNet)
 """
 from __future__ import annotations
 
@@ -243,7 +243,8 @@ def predictor(model, batch_size: int):
 
 
 def _details(model, features: dict, batch_size: int) -> dict:
-    """Gate weights of the validation split (models with gates), for the utilisation plot."""
+    """Gate weights ("gates/...", softmax over experts) and PEPNet's Gate NU scalings
+    ("gate_nu/...") on the validation split, for the plots."""
     forward = getattr(model, "forward", None)
     if forward is None:
         return {}
@@ -252,7 +253,7 @@ def _details(model, features: dict, batch_size: int) -> dict:
     for start in range(0, n, batch_size):
         _, details = forward({k: tf.constant(v[start:start + batch_size]) for k, v in features.items()})
         for name, value in details.items():
-            if name.startswith("gates/"):
+            if name.startswith(("gates/", "gate_nu/")):
                 parts.setdefault(name, []).append(np.asarray(value))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -460,8 +461,12 @@ class Run:
         if state["history"]:
             plots.training_curves(state["history"], out / "plots" / "training_curves.png")
         plots.arch_trajectories(trajectory, out / "plots" / "arch_trajectories.png")
-        gates = _details(model, enc.features["val"], c.eval_batch_size)
+        details = _details(model, enc.features["val"], c.eval_batch_size)
+        gates = {k: v for k, v in details.items() if k.startswith("gates/")}
         plots.gate_utilisation(gates, enc.domain["val"], domains, tasks, out / "plots" / "gate_utilisation.png")
+        scalings = {k: v for k, v in details.items() if k.startswith("gate_nu/")}
+        if scalings:
+            plots.gate_nu(scalings, enc.domain["val"], domains, tasks, out / "plots" / "gate_nu.png")
         return payload
 
 

@@ -127,3 +127,10 @@ def test_runs_from_before_a_new_setting_resume(data, tmp_path):
     (tmp_path / "run_config.json").write_text(json.dumps(run_config))
     again = train(model, data, config, tmp_path, source="small", verbose=0, export=False, plots=False)
     assert again["epochs_trained"] == 1
+
+
+def test_pepnet_run_plots_its_gate_nu_scalings(data, tmp_path):
+    model = ModelConfig("pepnet", {"tower_units": [8], "gate_hidden_units": 8, "embedding_dim": 4})
+    train(model, data, TrainConfig(epochs=1, batch_size=256), tmp_path, source="small", verbose=0)
+    assert (tmp_path / "plots" / "gate_nu.png").stat().st_size > 5000
+    assert not (tmp_path / "plots" / "gate_utilisation.png").exists()  # no softmax gates to draw
