@@ -11,7 +11,7 @@
 #
 # Steps: python 3.11 check -> venv -> (glibc < 2.39: fetch + retag the ml-metadata / TFDV
 # wheels) -> pip install -r lock.txt -> (glibc < 2.39: link the shim) -> import check.
-# A reused venv is import-checked too (a few seconds); --print-path imports nothing.
+# A reused venv is import-checked too (~15 s: importing TF, TFX, Beam); --print-path imports nothing.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -40,7 +40,7 @@ exec 9>"$VENV_ROOT/.lock-$KEY"
 flock 9
 
 # Import every part of the stack in a fresh interpreter and print its version; on failure
-# name the module and stop. Runs after a build and on every reuse (a few seconds), so a
+# name the module and stop. Runs after a build and on every reuse (~15 s), so a
 # venv damaged after its stamp was written is reported here, not in the middle of a job.
 check_imports() {
   say "checking the stack imports"
