@@ -37,6 +37,17 @@ def small_synthetic():
     return synthetic_spec(config), generate(config)
 
 
+@pytest.fixture(scope="session")
+def small_data(small_synthetic):
+    """small_synthetic split by the seeded 80/10/10, with vocabularies: an MDMTData."""
+    from mdmt_tf.data.dataset import MDMTData
+    from mdmt_tf.data.readers import Splits, random_split
+
+    spec, table = small_synthetic
+    parts = random_split(table, 0, "synthetic")
+    return MDMTData.build(spec, Splits(**parts, sources={s: s for s in parts}))
+
+
 @pytest.fixture()
 def csv_dir(tmp_path, small_synthetic):
     """A directory with train/val/test.csv and spec.yaml of the small synthetic data."""

@@ -3,16 +3,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mdmt_tf.data.dataset import MDMTData, make_dataset
-from mdmt_tf.data.readers import random_split, Splits
+from mdmt_tf.data.dataset import make_dataset
 from mdmt_tf.preprocessing import FeatureFront, encode
 
 
 @pytest.fixture(scope="module")
-def data(small_synthetic):
-    spec, table = small_synthetic
-    parts = random_split(table, 0, "synthetic")
-    return MDMTData.build(spec, Splits(**parts, sources={s: s for s in parts}))
+def data(small_data):
+    return small_data
 
 
 def test_ids_oov_and_scaling(data):

@@ -27,10 +27,9 @@ def cmd_tune(args) -> int:
                       seed=args.seed, fixed=_key_values(args.fix, "--fix"), overwrite=args.overwrite,
                       verbose=1 if args.verbose else 0)
     if best is None:
-        from mdmt_tf.tuning.search import TRIAL_LOG
+        from mdmt_tf.tuning.search import trial_owners
 
-        log = os.path.join(args.out, TRIAL_LOG, f"{args.tuner_id}.csv")
-        ran = [line.split(",")[0] for line in open(log).read().splitlines()] if os.path.exists(log) else []
+        ran = [t for t, owners in trial_owners(args.out).items() if args.tuner_id in owners]
         print(f"worker {args.tuner_id}: done (ran trials: {', '.join(ran) or 'none'})")
         return 0
     print((open(os.path.join(args.out, "trials.md")).read()))

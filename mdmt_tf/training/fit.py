@@ -326,18 +326,18 @@ class Run:
             return trainer, tf.data.Dataset.zip(tuple(datasets)), steps, c.batch_size * len(domains)
         train_rows = np.arange(enc.rows("train"))
         heldout = None
-        searching = bool(model.architecture_variables) and c.arch_mode == "bilevel"
+        uses_heldout = bool(model.architecture_variables) and c.arch_mode == "bilevel"  # the bi-level search
         fraction = c.holdout_fraction()
-        if fraction is not None and not searching:
+        if fraction is not None and not uses_heldout:
             print(f"[mdmt] arch_data {c.arch_data} ignored: {self.model_config.name} has nothing to search in "
                   f"arch_mode {c.arch_mode!r}; the weights train on every training row", file=sys.stderr, flush=True)
-        if fraction is not None and searching:
+        if fraction is not None and uses_heldout:
             order = np.random.default_rng(c.seed).permutation(len(train_rows))
             cut = int(round(fraction * len(order)))
             held, train_rows = np.sort(order[:cut]), np.sort(order[cut:])
             heldout = make_dataset(_take(enc.features["train"], held), _take(enc.labels["train"], held),
                                    batch_size=c.batch_size, shuffle=True, seed=seed + 1)
-        elif searching:
+        elif uses_heldout:
             heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
                                    seed=seed + 1)
         steps = int(np.ceil(len(train_rows) / c.batch_size))
@@ -402,10 +402,11 @@ class Run:
             trainer.fit(train_ds, epochs=c.epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
                         callbacks=callbacks, verbose=self.verbose, shuffle=False)
         # steps taken over the whole run (read before the best checkpoint rewinds the counters)
-        self.steps_taken = {"weight": int(keras.ops.convert_to_numpy(trainer.weight_steps))} \
-            if isinstance(trainer, MDMTTrainer) else {}
-        if isinstance(trainer, MDMTTrainer) and trainer.searching:
-            self.steps_taken["architecture"] = int(keras.ops.convert_to_numpy(trainer.arch_steps))
+        self.steps_taken = {}
+        if isinstance(trainer, MDMTTrainer):
+            self.steps_taken["weight"] = int(keras.ops.convert_to_numpy(trainer.weight_steps))
+            if trainer.searching:
+                self.steps_taken["architecture"] = int(keras.ops.convert_to_numpy(trainer.arch_steps))
         best_epoch = stopper.restore_best()
         if keras.mixed_precision.global_policy().name != "float32":
             model, serving = self._float32_copy(model, trainer, enc)

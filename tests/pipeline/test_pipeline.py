@@ -18,15 +18,17 @@ TUNING = {"tuner": "random", "max_trials": 2, "epochs": 2,
           "fixed": {"expert_units": "16,8", "tower_units": "8", "embedding_dim": 4}}
 
 
+def _component(execution) -> str:
+    node = execution.custom_properties.get("__tfx_node_id__")
+    return (node.string_value if node is not None else execution.type).rsplit(".", 1)[-1]
+
+
 def _executions(metadata_path):
     from pipeline.results import store_for
 
-    store = store_for(metadata_path)
     counts = {}
-    for execution in store.get_executions():
-        node = execution.custom_properties.get("__tfx_node_id__")
-        name = node.string_value if node is not None else execution.type
-        counts[name.rsplit(".", 1)[-1]] = counts.get(name.rsplit(".", 1)[-1], 0) + 1
+    for execution in store_for(metadata_path).get_executions():
+        counts[_component(execution)] = counts.get(_component(execution), 0) + 1
     return counts
 
 
@@ -38,9 +40,7 @@ def _latest_states(metadata_path):
 
     latest = {}
     for execution in sorted(store_for(metadata_path).get_executions(), key=lambda e: e.id):
-        node = execution.custom_properties.get("__tfx_node_id__")
-        name = (node.string_value if node is not None else execution.type).rsplit(".", 1)[-1]
-        latest[name] = metadata_store_pb2.Execution.State.Name(execution.last_known_state)
+        latest[_component(execution)] = metadata_store_pb2.Execution.State.Name(execution.last_known_state)
     return latest
 
 

@@ -12,7 +12,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class LoopbackHttp:
+    """A threaded HTTP server for a fake's request handler on a free loopback port;
+    `target` is host:port, `close()` stops it."""
+
+    def __init__(self, handler):
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.target = f"127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def _train(data, out: Path, seed: int) -> Path:
     from mdmt_tf.models import ModelConfig
     from mdmt_tf.training.fit import TrainConfig, train
@@ -40,13 +56,8 @@ def _train(data, out: Path, seed: int) -> Path:
 
 
 @pytest.fixture(scope="session")
-def serving_data(small_synthetic):
-    from mdmt_tf.data.dataset import MDMTData
-    from mdmt_tf.data.readers import Splits, random_split
-
-    spec, table = small_synthetic
-    parts = random_split(table, 0, "synthetic")
-    return MDMTData.build(spec, Splits(**parts, sources={s: s for s in parts}))
+def serving_data(small_data):
+    return small_data
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-import threading
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import grpc
 import pytest
@@ -13,7 +12,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from mdmt_tf.errors import ConfigError, MdmtError
 from serving.client import ServingClient
 from serving.errors import ServingError
-from tests.serving.conftest import free_port
+from tests.serving.conftest import LoopbackHttp, free_port
 
 STATUS_OK = {"model_version_status": [{"version": "1", "state": "AVAILABLE",
                                        "status": {"error_code": "OK", "error_message": ""}}]}
@@ -39,13 +38,11 @@ class ScriptedHttp:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.target = f"127.0.0.1:{self.server.server_address[1]}"
+        self.http = LoopbackHttp(Handler)
+        self.target = self.http.target
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 @pytest.fixture()

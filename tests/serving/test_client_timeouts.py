@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import grpc
 import numpy as np
@@ -23,6 +23,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, predict
 from mdmt_tf.errors import MdmtError
 from serving.client import ServingClient
 from serving.errors import ServingError
+from tests.serving.conftest import LoopbackHttp
 
 TIMEOUT = 0.5
 SERVER_DELAY = 10.0
@@ -66,14 +67,12 @@ class SlowHttp:
             def log_message(self, *args):
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.target = f"127.0.0.1:{self.server.server_address[1]}"
+        self.http = LoopbackHttp(Handler)
+        self.target = self.http.target
 
     def close(self):
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.http.close()
 
 
 class SlowPrediction(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -175,7 +174,7 @@ class TrickleHttp(SlowHttp):
         super().__init__()
         owner = self
 
-        class Handler(self.server.RequestHandlerClass):
+        class Handler(self.http.server.RequestHandlerClass):
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 owner.predicts += 1
@@ -192,7 +191,7 @@ class TrickleHttp(SlowHttp):
                 except OSError:  # the client hung up
                     pass
 
-        self.server.RequestHandlerClass = Handler
+        self.http.server.RequestHandlerClass = Handler
 
 
 def test_rest_timeout_bounds_the_whole_answer_not_each_read():

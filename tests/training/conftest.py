@@ -2,16 +2,13 @@ import keras
 import numpy as np
 import pytest
 
-from mdmt_tf.data.dataset import MDMTData, make_dataset
-from mdmt_tf.data.readers import Splits, random_split
+from mdmt_tf.data.dataset import make_dataset
 from mdmt_tf.training.fit import EncodedData
 
 
 @pytest.fixture(scope="package")
-def data(small_synthetic):
-    spec, table = small_synthetic
-    parts = random_split(table, 0, "synthetic")
-    return MDMTData.build(spec, Splits(**parts, sources={s: s for s in parts}))
+def data(small_data):
+    return small_data
 
 
 @pytest.fixture(scope="package")
