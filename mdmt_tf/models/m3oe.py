@@ -141,8 +141,10 @@ class M3oE(MDMTModel):
         x = self.flat_inputs(embedded, features)
         bottom = self._bottom(x, domain, training)
         on_bottom = self.experts(bottom)  # [B, S + D (+ T), H]
-        shared = on_bottom[:, self.expert_slices["shared"]]   # [B, S, H]
-        domains = on_bottom[:, self.expert_slices["domain"]]  # [B, D, H]
+        # one split (its gradient is one concat) rather than slices (one full-size scatter each)
+        cuts = [part.stop for part in self.expert_slices.values()][:-1]
+        groups = dict(zip(self.expert_slices, ops.split(on_bottom, cuts, axis=1)))
+        shared, domains = groups["shared"], groups["domain"]  # [B, S, H], [B, D, H]
         gate_input = ops.stop_gradient(bottom) if self.params.gate_stop_gradient else bottom
         if self.aftb:
             task_inputs = self.task_inputs(embedded, features, training)
@@ -151,7 +153,7 @@ class M3oE(MDMTModel):
             everything = ops.concatenate([on_bottom, tasks], axis=1)  # shared, domain, task experts
             shared_view = aftb_mix(weights, everything, self._aftb_keep(domain))
         else:
-            tasks = on_bottom[:, self.expert_slices["task"]]
+            tasks = groups["task"]
             weights = self._gate_weights(bottom, domain)  # SoftmaxGate applies the stop_gradient itself
             shared_view = mix(weights, shared)  # [B, T, H]
         domain_view = select_by_domain(self.domain_balance(domains), domain, self.schema.num_domains)
