@@ -3,9 +3,13 @@ CPU's measured peak, and peak RSS, for M3oE (default sizes) and MMoE on the synt
 
 Each configuration runs in its own process (so its peak RSS is its own): build the model
 and the real trainer (MDMTTrainer, the configured arch mode), feed the cached, prefetched
-tf.data pipeline, warm up, then time `trials` runs of `steps` training steps through Keras
-fit and of `steps` forward passes at the same batch size. This VM's throughput varies by
-10-20 % from run to run, so the median over trials is reported (and the best).
+tf.data pipeline, warm up, then time `trials` Keras fits and `trials` runs of `steps`
+forward passes at the same batch size. Training is timed at steady state: each fit runs
+WARMUP_STEPS + `steps` steps and the clock runs from the end of its last warm-up step to
+the end of its last step, so Keras' per-fit start-up (callbacks, iterator creation,
+~0.1-0.3 s) is not charged to the steps. The precision follows `mdmt train` ('auto':
+mixed_bfloat16 where the CPU has native bf16). This VM's throughput varies by 10-20 % from
+run to run, so the median over trials is reported (and the best).
 """
 from __future__ import annotations
 
@@ -22,7 +26,21 @@ CONFIGS = {
     "m3oe/authors": ("m3oe", {}, {"arch_mode": "authors"}),
     "mmoe": ("mmoe", {}, {"arch_mode": "fixed"}),
 }
+WARMUP_STEPS = 3  # per timed fit, not timed
 REFERENCE = {"train": 23_000, "infer": 99_000}  # the authors' PyTorch M3oE, 2 threads, batch 2048 (issue #4)
+
+
+def timed_fit(trainer, data, steps: int, warmup: int = WARMUP_STEPS) -> float:
+    """Seconds `steps` training steps take at steady state: one fit of warmup + steps steps,
+    clocked from the end of the last warm-up step to the end of the last step."""
+    import keras
+
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"timed_fit: warmup and steps must be >= 1, received warmup={warmup}, steps={steps}")
+    stamps = []
+    clock = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: stamps.append(time.perf_counter()))
+    trainer.fit(data, epochs=1, steps_per_epoch=warmup + steps, verbose=0, shuffle=False, callbacks=[clock])
+    return stamps[-1] - stamps[warmup - 1]
 
 
 def measure_peak(dtype: str = "float32", n: int = 2048, reps: int = 10) -> float:
@@ -44,7 +62,7 @@ def _median(values):
     return sorted(values)[len(values) // 2]
 
 
-def run_one(name: str, batch_size: int, steps: int, mixed: bool, jit: bool, trials: int = 5) -> dict:
+def run_one(name: str, batch_size: int, steps: int, precision: str, jit: bool, trials: int = 5) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf
@@ -53,11 +71,11 @@ def run_one(name: str, batch_size: int, steps: int, mixed: bool, jit: bool, tria
     from mdmt_tf.data.dataset import MDMTData, make_dataset
     from mdmt_tf.data.sources import load_source
     from mdmt_tf.models import build_model
-    from mdmt_tf.training.fit import EncodedData
+    from mdmt_tf.training.fit import EncodedData, resolve_precision
     from mdmt_tf.training.trainer import MDMTTrainer
 
-    if mixed:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    precision = resolve_precision(precision)
+    keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
     model_name, params, settings = CONFIGS[name]
     enc = EncodedData.from_data(MDMTData.build(*load_source("synthetic")))
@@ -72,9 +90,7 @@ def run_one(name: str, batch_size: int, steps: int, mixed: bool, jit: bool, tria
     trainer.fit(train, epochs=1, steps_per_epoch=5, verbose=0, shuffle=False)  # trace and warm up
     train_times = []
     for _ in range(trials):
-        start = time.perf_counter()
-        trainer.fit(train, epochs=1, steps_per_epoch=steps, verbose=0, shuffle=False)
-        train_times.append(time.perf_counter() - start)
+        train_times.append(timed_fit(trainer, train, steps))
 
     features, labels = next(iter(train))
     forward = tf.function(lambda x: model(x, training=False), jit_compile=jit)
@@ -98,7 +114,7 @@ def run_one(name: str, batch_size: int, steps: int, mixed: bool, jit: bool, tria
                                    else steps_per_epoch)
     forward_flops = graph_matmul_flops(forward.get_concrete_function(features).graph)
     train_rate = steps * batch_size / train_seconds
-    return {"name": name, "batch_size": batch_size, "mixed_bfloat16": mixed, "jit": jit,
+    return {"name": name, "batch_size": batch_size, "precision": precision, "jit": jit,
             "train_examples_per_second": train_rate,
             "infer_examples_per_second": steps * batch_size / infer_seconds,
             "train_examples_per_second_best": steps * batch_size / min(train_times),
@@ -110,7 +126,7 @@ def run_one(name: str, batch_size: int, steps: int, mixed: bool, jit: bool, tria
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def main(names, batch_size: int = 2048, steps: int = 20, mixed: bool = False, jit: bool = False,
+def main(names, batch_size: int = 2048, steps: int = 20, precision: str = "auto", jit: bool = False,
          trials: int = 5) -> list[dict]:
     """Run each configuration in a subprocess and print a table; returns the results."""
     from mdmt_tf.report.tables import markdown_table
@@ -122,10 +138,10 @@ def main(names, batch_size: int = 2048, steps: int = 20, mixed: bool = False, ji
         peak["float32"], peak["bfloat16"] = (float(v) for v in probe.stdout.split()[-2:])
     results = []
     for name in names:
-        print(f"[bench] {name} (batch {batch_size}, {trials} x {steps} steps{', mixed_bfloat16' if mixed else ''}"
+        print(f"[bench] {name} (batch {batch_size}, {trials} x {steps} steps, precision {precision}"
               f"{', XLA' if jit else ''}) ...", flush=True)
         proc = subprocess.run([sys.executable, "-c", "import json, sys; from mdmt_tf.bench.train import run_one;"
-                               f"print('RESULT', json.dumps(run_one({name!r}, {batch_size}, {steps}, {mixed}, {jit}, "
+                               f"print('RESULT', json.dumps(run_one({name!r}, {batch_size}, {steps}, {precision!r}, {jit}, "
                                f"{trials})))"],
                               capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -133,7 +149,7 @@ def main(names, batch_size: int = 2048, steps: int = 20, mixed: bool = False, ji
             print(proc.stderr[-3000:], file=sys.stderr)
             raise RuntimeError(f"benchmark {name} failed")
         results.append(json.loads(line[len("RESULT "):]))
-    reference_peak = peak["bfloat16" if mixed else "float32"]
+    reference_peak = peak["bfloat16" if results and results[0]["precision"] == "mixed_bfloat16" else "float32"]
     rows = []
     for r in results:
         rows.append([r["name"], f"{r['train_examples_per_second']:,.0f} ({r['train_examples_per_second_best']:,.0f})",
@@ -145,7 +161,9 @@ def main(names, batch_size: int = 2048, steps: int = 20, mixed: bool = False, ji
     print(markdown_table(["config", "train ex/s (best)", "infer ex/s (best)", "train GFLOP/step", "train GFLOP/s",
                           "of peak", "infer GFLOP/s", "peak RSS MiB"], rows))
     if reference_peak:
-        print("ex/s: median over trials (best in parentheses); GFLOP/s from the medians.")
+        print(f"ex/s: median over trials (best in parentheses), training at steady state (after "
+              f"{WARMUP_STEPS} untimed steps per fit); GFLOP/s from the medians; precision "
+              f"{results[0]['precision'] if results else precision}.")
         print(f"peak: a 2048^3 matmul reaches {peak['float32'] / 1e9:.0f} GFLOP/s float32 and "
               f"{peak['bfloat16'] / 1e9:.0f} GFLOP/s bfloat16 here; FLOPs count matrix products only.")
     for r in results:

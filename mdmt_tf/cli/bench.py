@@ -13,7 +13,7 @@ def cmd_bench_train(args) -> int:
         from mdmt_tf.errors import ConfigError
 
         raise ConfigError(f"unknown benchmark config(s) {unknown}; valid: {list(CONFIGS)}")
-    results = main(names, batch_size=args.batch_size, steps=args.steps, mixed=args.mixed_precision, jit=args.jit,
+    results = main(names, batch_size=args.batch_size, steps=args.steps, precision=args.precision, jit=args.jit,
                    trials=args.trials)
     if args.json:
         with open(args.json, "w") as fh:
@@ -55,7 +55,8 @@ def add_parsers(verbs) -> None:
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20, help="steps per timed trial")
     p.add_argument("--trials", type=int, default=5, help="timed trials (the median is reported)")
-    p.add_argument("--mixed-precision", action="store_true", help="mixed_bfloat16 policy")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
+                   help="as for `mdmt train`: 'auto' is mixed_bfloat16 on CPUs with native bf16, else float32")
     p.add_argument("--jit", action="store_true", help="XLA-compile the steps")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_train)
