@@ -162,7 +162,9 @@ def run(mode: str = "bilevel", precision: str = "float32", batch_size: int = 204
 
     infer(0)
     infer_times = timed(infer)
-    rate = lambda t: steps * batch_size / t  # noqa: E731
+    def rate(seconds):
+        return steps * batch_size / seconds
+
     return {"framework": f"torch {torch.__version__}", "mode": mode, "precision": precision, "threads": threads,
             "batch_size": batch_size, "train_examples_per_second": rate(train_times[len(train_times) // 2]),
             "train_examples_per_second_best": rate(train_times[0]),

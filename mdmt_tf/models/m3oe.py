@@ -84,6 +84,7 @@ class M3oE(MDMTModel):
             self.task_experts = ExpertGroup(t, p.expert_units, name="task_experts")  # on task embeddings
         else:
             self.expert_slices["task"] = slice(n_s + d, n_s + d + t)
+        self.expert_cuts = [part.stop for part in self.expert_slices.values()][:-1]  # where to split
         if self.aftb:
             self.make_task_embeddings(p.task_embedding_fields)
             num_experts = p.num_shared_experts + d + t
@@ -142,8 +143,7 @@ class M3oE(MDMTModel):
         bottom = self._bottom(x, domain, training)
         on_bottom = self.experts(bottom)  # [B, S + D (+ T), H]
         # one split (its gradient is one concat) rather than slices (one full-size scatter each)
-        cuts = [part.stop for part in self.expert_slices.values()][:-1]
-        groups = dict(zip(self.expert_slices, ops.split(on_bottom, cuts, axis=1)))
+        groups = dict(zip(self.expert_slices, ops.split(on_bottom, self.expert_cuts, axis=1)))
         shared, domains = groups["shared"], groups["domain"]  # [B, S, H], [B, D, H]
         gate_input = ops.stop_gradient(bottom) if self.params.gate_stop_gradient else bottom
         if self.aftb:

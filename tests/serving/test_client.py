@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler
 
 import grpc
 import pytest
@@ -12,7 +11,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 from mdmt_tf.errors import ConfigError, MdmtError
 from serving.client import ServingClient
 from serving.errors import ServingError
-from tests.serving.conftest import LoopbackHttp, free_port
+from tests.serving.conftest import FakeHandler, LoopbackHttp, free_port
 
 STATUS_OK = {"model_version_status": [{"version": "1", "state": "AVAILABLE",
                                        "status": {"error_code": "OK", "error_message": ""}}]}
@@ -25,18 +24,11 @@ class ScriptedHttp:
         self.script, self.calls = list(script), 0
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(FakeHandler):
             def do_GET(self):
                 owner.calls += 1
                 status, body = owner.script.pop(0) if owner.script else (200, STATUS_OK)
-                payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
+                self.send_body(status, body if isinstance(body, bytes) else json.dumps(body).encode())
 
         self.http = LoopbackHttp(Handler)
         self.target = self.http.target

@@ -11,7 +11,6 @@ import json
 import threading
 import time
 from concurrent import futures
-from http.server import BaseHTTPRequestHandler
 
 import grpc
 import numpy as np
@@ -23,7 +22,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, predict
 from mdmt_tf.errors import MdmtError
 from serving.client import ServingClient
 from serving.errors import ServingError
-from tests.serving.conftest import LoopbackHttp
+from tests.serving.conftest import FakeHandler, LoopbackHttp
 
 TIMEOUT = 0.5
 SERVER_DELAY = 10.0
@@ -42,14 +41,9 @@ class SlowHttp:
         self.release, self.predicts = threading.Event(), 0
         owner = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(FakeHandler):
             def _send(self, doc):
-                payload = json.dumps(doc).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                self.send_body(200, json.dumps(doc).encode(), "application/json")
 
             def do_GET(self):
                 self._send({"model_spec": {"name": "mdmt", "signature_name": "", "version": "1"},
@@ -63,9 +57,6 @@ class SlowHttp:
                     self._send({"outputs": {"click": [0.5]}})
                 except OSError:  # the client hung up
                     pass
-
-            def log_message(self, *args):
-                pass
 
         self.http = LoopbackHttp(Handler)
         self.target = self.http.target
