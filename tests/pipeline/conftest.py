@@ -4,7 +4,10 @@ from mdmt_tf.data.readers import random_split, write_csv
 from mdmt_tf.data.synthetic import SyntheticConfig, generate, synthetic_spec
 
 SMALL_MODEL = {"name": "mmoe", "params": {"expert_units": [16, 8], "tower_units": [8], "embedding_dim": 4}}
-SMALL_TRAIN = {"epochs": 3, "batch_size": 256, "learning_rate": 0.005, "patience": 3}
+# Three epochs of 13 steps: at lr 0.005 the worst (domain, task) test AUC was 0.54-0.55 over
+# seeds 0-2, at 0.01-0.02 0.59-0.63 (at 0.0012 the model stays near chance, 0.42-0.53, and the
+# 0.5 floor per slice passes or fails on bf16 rounding).
+SMALL_TRAIN = {"epochs": 3, "batch_size": 256, "learning_rate": 0.02, "patience": 3}
 
 
 @pytest.fixture(scope="package")
