@@ -50,13 +50,15 @@ class ExpertGroup(keras.layers.Layer):
     def call(self, x):
         e = self.num_experts
         if len(x.shape) == 2:
-            # shared input: one wide GEMM [B, in] x [in, E*out] (faster than a broadcast einsum)
+            # shared input: one wide GEMM [B, in] x [in, E*out] (faster than a broadcast einsum);
+            # a flat bias keeps it a bias add, which TF fuses into the GEMM with the activation
             kernel = self.kernels[0]
-            wide = ops.reshape(ops.transpose(kernel, (1, 0, 2)), (kernel.shape[1], e * kernel.shape[2]))
-            h = ops.reshape(ops.matmul(x, wide), (-1, e, kernel.shape[2]))
+            width = kernel.shape[2]
+            wide = ops.reshape(ops.transpose(kernel, (1, 0, 2)), (kernel.shape[1], e * width))
+            h = self.activation(ops.matmul(x, wide) + ops.reshape(self.biases[0], (e * width,)))
+            h = ops.reshape(h, (-1, e, width))
         else:
-            h = _per_expert(x, self.kernels[0])
-        h = self.activation(h + self.biases[0])
+            h = self.activation(_per_expert(x, self.kernels[0]) + self.biases[0])
         for kernel, bias in zip(self.kernels[1:], self.biases[1:]):
             h = self.activation(_per_expert(h, kernel) + bias)
         return h
