@@ -107,9 +107,12 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(data, tmp_path, capsys
 
 def test_mamdr_strategy_end_to_end(data, tmp_path):
     model = ModelConfig("shared_bottom", {"bottom_units": [16], "tower_units": [8], "embedding_dim": 4})
-    payload = train(model, data, TrainConfig(epochs=1, batch_size=128, strategy="mamdr"), tmp_path,
-                    source="small", verbose=0)
-    assert payload["test"]["mean_auc"] > 0.5
+    # One epoch at the default inner lr 0.001 left this model at chance (test mean AUC
+    # 0.49-0.52 over seeds 0-2); 2 epochs at 0.05 reach val 0.64-0.66 and test 0.56-0.65
+    # over seeds 0-3 (test is 300 rows, hence the lower bar there).
+    config = TrainConfig.from_dict({"epochs": 2, "batch_size": 128, "strategy": "mamdr", "mamdr": {"inner_lr": 0.05}})
+    payload = train(model, data, config, tmp_path, source="small", verbose=0)
+    assert payload["val"]["mean_auc"] > 0.6 and payload["test"]["mean_auc"] > 0.5
     loaded = tf.saved_model.load(str(tmp_path / "model"))
     raw = raw_feature_arrays(data.splits.test.head(10), data.spec)
     out = loaded.signatures["predict_raw"](**{k: tf.constant(v) for k, v in raw.items()})
