@@ -18,6 +18,7 @@ state like `mdmt bench train`: median over trials of `steps` steps after a warm-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -31,7 +32,7 @@ def build(torch):
     class M3oE(nn.Module):
         def __init__(self):
             super().__init__()
-            self.offsets = torch.tensor([0] + list(_cumsum((DOMAINS,) + VOCABS))[:-1])
+            self.offsets = torch.tensor([0, *itertools.accumulate((DOMAINS,) + VOCABS)][:-1])
             self.embedding = nn.Embedding(DOMAINS + sum(VOCABS), DIM)
             n_in = (1 + len(VOCABS)) * DIM + 1
             self.star_w = nn.Parameter(torch.randn(n_in, n_in) * 0.05)
@@ -86,13 +87,6 @@ def build(torch):
             return (logits * onehot[:, :, None]).sum(1)                                  # [B, T]
 
     return M3oE()
-
-
-def _cumsum(values):
-    total = 0
-    for v in values:
-        total += v
-        yield total
 
 
 def _balance(torch, experts, beta):
