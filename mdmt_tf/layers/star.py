@@ -26,17 +26,20 @@ class PartitionedNorm(keras.layers.Layer):
             raise ValueError(f"PartitionedNorm: `epsilon` must be > 0, received epsilon={epsilon!r}")
 
     def build(self, input_shape):
-        # statistics and affine parameters stay float32 under mixed precision (autocast=False):
-        # the normalisation is computed in float32 and only the output takes the compute dtype
+        # statistics and affine parameters are float32 whatever the policy: the normalisation
+        # is computed in float32 and only the output takes the compute dtype
         f, d = input_shape[-1], self.num_domains
-        self.gamma = self.add_weight(name="gamma", shape=(f,), initializer="ones", autocast=False)
-        self.beta = self.add_weight(name="beta", shape=(f,), initializer="zeros", autocast=False)
-        self.domain_gamma = self.add_weight(name="domain_gamma", shape=(d, f), initializer="ones", autocast=False)
-        self.domain_beta = self.add_weight(name="domain_beta", shape=(d, f), initializer="zeros", autocast=False)
-        self.moving_mean = self.add_weight(name="moving_mean", shape=(d, f), initializer="zeros", trainable=False,
-                                           autocast=False)
-        self.moving_variance = self.add_weight(name="moving_variance", shape=(d, f), initializer="ones",
-                                               trainable=False, autocast=False)
+
+        def float32(name, shape, initializer, trainable=True):
+            return self.add_weight(name=name, shape=shape, initializer=initializer, trainable=trainable,
+                                   autocast=False, dtype="float32")
+
+        self.gamma = float32("gamma", (f,), "ones")
+        self.beta = float32("beta", (f,), "zeros")
+        self.domain_gamma = float32("domain_gamma", (d, f), "ones")
+        self.domain_beta = float32("domain_beta", (d, f), "zeros")
+        self.moving_mean = float32("moving_mean", (d, f), "zeros", trainable=False)
+        self.moving_variance = float32("moving_variance", (d, f), "ones", trainable=False)
 
     def call(self, x, domain, training=None):
         dtype = x.dtype

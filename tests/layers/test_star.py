@@ -115,6 +115,28 @@ def test_partitioned_norm_weights():
         "moving_mean": (3, 5), "moving_variance": (3, 5)}
 
 
+def test_partitioned_norm_keeps_float32_statistics_under_a_bfloat16_policy():
+    """A bfloat16 serving export stores weights in bf16, but not the norm's moments: its
+    statistics stay float32 and only the output takes the compute dtype."""
+    rng = np.random.default_rng(4)
+    reference = _random_norm(rng)
+    x = rng.normal(size=(6, 4)).astype("float32")
+    domain = np.array([0, 1, 2, 2, 1, 0])
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("bfloat16")
+    try:
+        layer = PartitionedNorm(3, momentum=0.9, epsilon=EPS)
+        layer.build((None, 4))
+        layer.set_weights(reference.get_weights())
+        out = layer(keras.ops.cast(x, "bfloat16"), domain)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    assert {w.dtype for w in layer.weights} == {"float32"}
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    expected = np_(reference(x, domain))
+    np.testing.assert_allclose(np_(keras.ops.cast(out, "float32")), expected, rtol=2e-2, atol=2e-2)
+
+
 def test_partitioned_norm_roundtrip(roundtrip):
     rng = np.random.default_rng(3)
     layer = _random_norm(rng, momentum=0.8)
