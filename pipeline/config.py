@@ -14,7 +14,8 @@ from mdmt_tf.spec import DatasetSpec
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BEAM_ARGS = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
 TRAIN_KEYS = ("epochs", "batch_size", "learning_rate", "arch_learning_rate", "arch_mode", "arch_period",
-              "arch_data", "patience", "seed", "loss_reduction", "precision", "min_count", "distribute")
+              "arch_data", "patience", "seed", "loss_reduction", "precision", "min_count", "distribute",
+              "serving_precision")
 
 
 @dataclasses.dataclass

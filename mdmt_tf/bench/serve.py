@@ -24,15 +24,17 @@ LATENCY_BATCHES = (1, 64)
 THROUGHPUT_BATCH = 1024
 
 
-def _train_default(out: Path, model: str, rows: int) -> Path:
+def _train_default(out: Path, model: str, rows: int, serving_precision: str = "float32") -> Path:
     from mdmt_tf.data.dataset import MDMTData
     from mdmt_tf.data.sources import load_source
     from mdmt_tf.models import ModelConfig
     from mdmt_tf.training.fit import TrainConfig, train
 
-    print(f"[bench] training {model} for 1 epoch on synthetic:{rows} to get a SavedModel ...", flush=True)
+    print(f"[bench] training {model} for 1 epoch on synthetic:{rows} to get a SavedModel "
+          f"({serving_precision}) ...", flush=True)
     data = MDMTData.build(*load_source(f"synthetic:{rows}"))
-    train(ModelConfig(model, {}), data, TrainConfig(epochs=1, batch_size=2048), out, plots=False, verbose=0)
+    config = TrainConfig(epochs=1, batch_size=2048, serving_precision=serving_precision)
+    train(ModelConfig(model, {}), data, config, out, plots=False, verbose=0)
     return out / "model"
 
 
@@ -118,12 +120,12 @@ def _report(results: dict) -> str:
 
 
 def run(model_dir: str | None, model: str = "mmoe", rows: int = 20_000, requests: int = 300, trials: int = 3,
-        servers: bool = True) -> dict:
+        servers: bool = True, serving_precision: str = "float32") -> dict:
     import os
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     with tempfile.TemporaryDirectory(prefix="mdmt-bench-model-") as tmp:
-        path = Path(model_dir) if model_dir else _train_default(Path(tmp), model, rows)
+        path = Path(model_dir) if model_dir else _train_default(Path(tmp), model, rows, serving_precision)
         if not (path / "saved_model.pb").exists():
             from mdmt_tf.errors import ConfigError
 
@@ -142,7 +144,7 @@ def run(model_dir: str | None, model: str = "mmoe", rows: int = 20_000, requests
 
 def cmd_bench_serve(args) -> int:
     results = run(args.model_dir, model=args.model, rows=args.rows, requests=args.requests, trials=args.trials,
-                  servers=not args.in_process_only)
+                  servers=not args.in_process_only, serving_precision=args.serving_precision)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
@@ -157,6 +159,8 @@ def add_parser(kinds) -> None:
     p.add_argument("--rows", type=int, default=20_000, help="synthetic rows to train on when no --model-dir is given")
     p.add_argument("--requests", type=int, default=300, help="timed requests per latency figure")
     p.add_argument("--trials", type=int, default=3, help="throughput trials (the median is reported)")
+    p.add_argument("--serving-precision", default="float32", choices=("float32", "bfloat16"),
+                   help="export precision of the model trained when no --model-dir is given")
     p.add_argument("--in-process-only", action="store_true", help="skip the dev server measurements")
     p.add_argument("--json", default=None, help="also write the results here")
     p.set_defaults(func=cmd_bench_serve)

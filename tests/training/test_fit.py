@@ -137,3 +137,61 @@ def test_pepnet_run_plots_its_gate_nu_scalings(data, tmp_path):
     train(model, data, TrainConfig(epochs=1, batch_size=256), tmp_path, source="small", verbose=0)
     assert (tmp_path / "plots" / "gate_nu.png").stat().st_size > 5000
     assert not (tmp_path / "plots" / "gate_utilisation.png").exists()  # no softmax gates to draw
+
+
+def _checkpoint_dtypes(model_dir):
+    reader = tf.train.load_checkpoint(str(model_dir / "variables" / "variables"))
+    return {name: dtype.name for name, dtype in reader.get_variable_to_dtype_map().items()
+            if name.startswith("model/") and "OPTIMIZER" not in name}
+
+
+def _predict_raw(model_dir, table, spec):
+    loaded = tf.saved_model.load(str(model_dir))
+    raw = raw_feature_arrays(table, spec)
+    return {k: v.numpy() for k, v in loaded.signatures["predict_raw"](**{k: tf.constant(v) for k, v in raw.items()}).items()}
+
+
+def test_a_bfloat16_serving_export_scores_like_the_float32_model(data, tmp_path):
+    model = ModelConfig("m3oe", SMALL)
+    config = TrainConfig(epochs=2, batch_size=256, learning_rate=0.01, serving_precision="bfloat16")
+    payload = train(model, data, config, tmp_path, source="small", verbose=0, plots=False, save_predictions=True)
+    served = payload["serving"]
+    assert served["precision"] == "bfloat16"
+    assert 0 < served["test_max_abs_diff"] < 0.02  # bf16 rounding shows, and stays small
+    # (AUC on 300 test rows moves by a few 1e-3 when near-tied scores swap)
+    assert served["test_mean_auc"] == pytest.approx(payload["test"]["mean_auc"], abs=0.02)
+    dtypes = _checkpoint_dtypes(tmp_path / "model")
+    kernels = {n: d for n, d in dtypes.items() if "kernel" in n}
+    assert kernels and set(kernels.values()) == {"bfloat16"}
+    meta = json.loads((tmp_path / "model" / "assets.extra" / "mdmt.json").read_text())
+    assert meta["serving_precision"] == "bfloat16"
+    # the SavedModel scores as the float32 model evaluated for metrics.json, to bf16 rounding
+    float32 = np.load(tmp_path / "test_predictions.npz")
+    out = _predict_raw(tmp_path / "model", data.splits.test, data.spec)
+    for task in data.spec.tasks:
+        assert 0 < np.max(np.abs(out[task] - float32[task])) < 0.02
+
+    # the serving precision may change on a rerun: it re-exports without training again
+    again = train(model, data, TrainConfig(epochs=2, batch_size=256, learning_rate=0.01), tmp_path, source="small",
+                  verbose=0, plots=False)
+    assert again["serving"] == {"precision": "float32"} and again["test"] == payload["test"]
+    assert set(_checkpoint_dtypes(tmp_path / "model").values()) == {"float32"}
+    out = _predict_raw(tmp_path / "model", data.splits.test, data.spec)
+    for task in data.spec.tasks:
+        np.testing.assert_allclose(out[task], float32[task], rtol=1e-5, atol=1e-6)
+
+
+def test_a_bfloat16_export_of_domain_regularized_weights(data, tmp_path):
+    """DR serves theta + theta_d: the bf16 export carries the deltas in bf16 too."""
+    model = ModelConfig("shared_bottom", {"bottom_units": [16], "tower_units": [8], "embedding_dim": 4})
+    config = TrainConfig.from_dict({"epochs": 1, "batch_size": 128, "strategy": "dr", "mamdr": {"inner_lr": 0.05},
+                                    "serving_precision": "bfloat16"})
+    payload = train(model, data, config, tmp_path, source="small", verbose=0, plots=False)
+    assert 0 < payload["serving"]["test_max_abs_diff"] < 0.02
+    deltas = {n: d for n, d in _checkpoint_dtypes(tmp_path / "model").items() if "delta" in n}
+    assert deltas and set(deltas.values()) == {"bfloat16"}
+
+
+def test_an_unknown_serving_precision_is_a_config_error():
+    with pytest.raises(ConfigError, match="serving precision must be one of"):
+        TrainConfig(serving_precision="float16")
