@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tests.pipeline.conftest import make_config
+from tests.pipeline.conftest import SMALL_TRAIN, make_config
 
 pytestmark = pytest.mark.slow
 
@@ -232,7 +232,8 @@ def test_tfrecord_inputs_and_a_curated_schema(first_run, pipeline_data, tmp_path
     """ImportExampleGen reads train/val/test .tfrecord files; ImportSchemaGen takes a schema
     the user curated in place of inference. The first run's curated schema (from CSV, where
     the domain column reads as INT) does not fit records that carry the domain as bytes: the
-    run stops at the validator naming the feature; with the type fixed it trains and pushes."""
+    run stops at the validator naming the feature; with the type fixed it trains and pushes
+    (exporting in bfloat16 here, so the Evaluator and Pusher see a bf16 SavedModel too)."""
     import glob
 
     from google.protobuf import text_format
@@ -263,9 +264,12 @@ def test_tfrecord_inputs_and_a_curated_schema(first_run, pipeline_data, tmp_path
     domain.ClearField("int_domain")
     fixed = tmp_path / "schema.pbtxt"
     fixed.write_text(text_format.MessageToString(schema))
-    summary = run(dataclasses.replace(fresh, schema_path=str(fixed)))
+    summary = run(dataclasses.replace(fresh, schema_path=str(fixed),
+                                      train={**SMALL_TRAIN, "serving_precision": "bfloat16"}))
     counts = _executions(fresh.metadata_path)
     assert counts.get("ImportExampleGen") == counts.get("ImportSchemaGen") == 2  # one per run
     assert "SchemaGen" not in counts and "CsvExampleGen" not in counts and counts.get("Trainer") == 1
     assert summary.blessed is True and len(_versions(fresh)) == 1
     assert {f"{d}/{t}" for d in ("0", "1", "2") for t in ("click", "like")} <= set(summary.auc)
+    pushed = Path(summary.pushed_to)
+    assert json.loads((pushed / "assets.extra" / "mdmt.json").read_text())["serving_precision"] == "bfloat16"
