@@ -62,7 +62,7 @@ def test_run_one_reports_consistent_figures(precision):
     r = run_one("mmoe", batch_size=256, steps=3, precision=precision, jit=False, trials=1)
     assert r["precision"] == precision and r["batch_size"] == 256
     # under mixed precision the bf16 serving export's forward is timed too
-    assert ("infer_bf16_weights_examples_per_second" in r) == (precision == "mixed_bfloat16")
+    assert ("infer_bf16_export_examples_per_second" in r) == (precision == "mixed_bfloat16")
     # a training step is the forward pass plus a backward of about twice its products
     assert 2.5 * r["forward_flops_per_batch"] < r["train_flops_per_step"] < 3.5 * r["forward_flops_per_batch"]
     assert r["train_examples_per_second"] == pytest.approx(
