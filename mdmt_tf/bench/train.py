@@ -64,6 +64,18 @@ def _median(values):
 
 
 def run_one(name: str, batch_size: int, steps: int, precision: str, jit: bool, trials: int = 5) -> dict:
+    """One configuration's figures (`main` runs each in a subprocess); the global dtype
+    policy is restored afterwards."""
+    import keras
+
+    previous = keras.mixed_precision.global_policy()
+    try:
+        return _measure(name, batch_size, steps, precision, jit, trials)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _measure(name: str, batch_size: int, steps: int, precision: str, jit: bool, trials: int) -> dict:
     import keras
     import numpy as np
     import tensorflow as tf

@@ -63,6 +63,9 @@ def test_run_one_reports_consistent_figures(precision):
     assert r["precision"] == precision and r["batch_size"] == 256
     # under mixed precision the bf16 serving export's forward is timed too
     assert ("infer_bf16_export_examples_per_second" in r) == (precision == "mixed_bfloat16")
+    import keras
+
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored for whatever runs next
     # a training step is the forward pass plus a backward of about twice its products
     assert 2.5 * r["forward_flops_per_batch"] < r["train_flops_per_step"] < 3.5 * r["forward_flops_per_batch"]
     assert r["train_examples_per_second"] == pytest.approx(
