@@ -109,10 +109,7 @@ def _measure(name: str, batch_size: int, steps: int, precision: str, jit: bool, 
     forward = tf.function(lambda x: model(x, training=False), jit_compile=jit)
     forwards = {"infer": forward}
     if precision == "mixed_bfloat16":  # what `--serving-precision bfloat16` exports: weights stored in bf16
-        keras.mixed_precision.set_global_policy("bfloat16")
-        served = build_model(model_name, enc.schema, params)
-        served.set_weights(model.get_weights())
-        keras.mixed_precision.set_global_policy(precision)
+        served = model.copy_under("bfloat16")
         forwards["bf16_export"] = tf.function(lambda x: served(x, training=False), jit_compile=jit)
     infer_times = {key: [] for key in forwards}
     for call in forwards.values():

@@ -50,6 +50,18 @@ class MDMTModel(keras.Model):
     def from_config(cls, config):
         return cls(**config)
 
+    def copy_under(self, policy: str) -> "MDMTModel":
+        """This model with its weights, its layers built under the dtype `policy` ("float32"
+        to evaluate exactly, "bfloat16" for a bf16 export); the global policy is restored."""
+        previous = keras.mixed_precision.global_policy()
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            copy = type(self)(schema=self.schema, params=self.params, name=self.name)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        copy.set_weights(self.get_weights())
+        return copy
+
     # -------------------------------------------------------------------- helpers
     def make_embedding(self, name="embedding", with_domain=True, fields=None):
         sizes = self.schema.field_sizes(with_domain=with_domain)

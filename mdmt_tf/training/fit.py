@@ -413,33 +413,30 @@ class Run:
                 self.steps_taken["architecture"] = int(keras.ops.convert_to_numpy(trainer.arch_steps))
         best_epoch = stopper.restore_best()
         if keras.mixed_precision.global_policy().name != "float32":
-            model, serving = self._copy_under("float32", model, trainer, enc)
+            keras.mixed_precision.set_global_policy("float32")  # evaluation and export from here on
+            model, serving = self._copy_under("float32", model, trainer)
         exported = serving
         if c.serving_precision != "float32":
-            _, exported = self._copy_under(c.serving_precision, model, trainer, enc)
+            _, exported = self._copy_under(c.serving_precision, model, trainer)
         return self._finish(model, serving, exported, enc, stopper.state, best_epoch, trajectory.points, timer)
 
-    def _copy_under(self, policy: str, model, trainer, enc: EncodedData):
+    @staticmethod
+    def _copy_under(policy: str, model, trainer):
         """(model, serving model) with the trained weights, built under the dtype `policy`.
 
         float32: evaluation and the export then give the same numbers in every graph and
         batch size (bfloat16 rounding depends on how a matmul is blocked). bfloat16: the
         serving export with `serving_precision: bfloat16`, whose weights are stored in
         bfloat16, so no per-call casts (half the size, faster where bfloat16 is native)."""
-        keras.mixed_precision.set_global_policy(policy)
-        try:
-            copy = build_model(self.model_config, enc.schema)
-            copy.set_weights(model.get_weights())
-            if isinstance(trainer, MAMDRTrainer) and trainer.use_dr:
-                from mdmt_tf.training.mamdr import DomainSpecificModel
+        copy = model.copy_under(policy)
+        if isinstance(trainer, MAMDRTrainer) and trainer.use_dr:
+            from mdmt_tf.training.mamdr import DomainSpecificModel
 
-                deltas = [[None if delta is None else keras.Variable(keras.ops.cast(delta, v.dtype), trainable=False,
-                                                                      name=delta.name)
-                           for v, delta in zip(copy.trainable_variables, row)] for row in trainer.deltas]
-                return copy, DomainSpecificModel(copy, deltas)
-            return copy, copy
-        finally:
-            keras.mixed_precision.set_global_policy("float32")
+            deltas = [[None if delta is None else keras.Variable(keras.ops.cast(delta, v.dtype), trainable=False,
+                                                                  name=delta.name)
+                       for v, delta in zip(copy.trainable_variables, row)] for row in trainer.deltas]
+            return copy, DomainSpecificModel(copy, deltas)
+        return copy, copy
 
     def _finish(self, model, serving, exported, enc: EncodedData, state, best_epoch, trajectory, timer) -> dict:
         from mdmt_tf.export.savedmodel import export_savedmodel
