@@ -8,8 +8,9 @@ from mdmt_tf.layers.initializers import GroupedGlorotUniform
 from mdmt_tf.layers.mlp import MLP
 from mdmt_tf.layers.pepnet import EPNet, GateNU, PPNetTowers
 from mdmt_tf.layers.star import PartitionedNorm, StarFC
+from mdmt_tf.layers.stem import STEMLayer
 from mdmt_tf.layers.towers import Towers
 
 __all__ = ["Amplitude", "Balance", "CGC", "EPNet", "ExpertGroup", "FieldEmbedding", "GateLogits", "GateNU",
-           "GroupedGlorotUniform", "MLP", "PPNetTowers", "PartitionedNorm", "SoftmaxGate", "StarFC", "Towers",
-           "aftb_mix", "mix"]
+           "GroupedGlorotUniform", "MLP", "PPNetTowers", "PartitionedNorm", "STEMLayer", "SoftmaxGate", "StarFC",
+           "Towers", "aftb_mix", "mix"]

@@ -1,24 +1,39 @@
 """STEM-Net (Su et al., AAAI 2024): shared and task-specific embeddings with
-All-Forward-Task-specific-Backward (AFTB) gating.
+All-Forward-Task-specific-Backward (AFTB) gating, as the paper and the authors' code.
 
     shared table      -> x_s -> shared experts
     task t's table    -> x_t -> task t's experts (fields outside task_embedding_fields
                                  use the shared embedding)
-    gate of task t    reads concat(x_t, x_s), mixes ALL experts forward; the other tasks'
+    gate of task t    reads x_t + x_s, mixes ALL experts forward; the other tasks'
                       experts are seen through stop_gradient, so task t's loss trains only
                       the shared experts, its own experts and its own embeddings
-    tower per task;   the domain is an embedded input feature.
+    shared gate       reads x_s, mixes all experts (no stop_gradient); only between
+                      stacked layers
+    tower per task    on the last layer's task outputs; the domain is an embedded input
+                      feature.
 
+Each gate is an MLP (gate_units, ReLU; default 128 -> 64 as the authors' code), a Dense
+to the number of experts and a softmax. Deliberate difference: the authors' MLP also
+applies its hidden activation (ReLU) to the gate logits before the softmax; here the
+logits are linear.
+
+num_layers stacks STEM layers (mdmt_tf.layers.STEMLayer) like PLE's levels: layer l+1's
+task-t input is layer l's task-t gate output, its shared input is layer l's shared-gate
+output. Layer 0 reads task t's embeddings (MDMTModel.task_inputs) and the shared ones.
+The shared gate is built only in layers that feed another layer (with one layer, none).
+As in the authors' code it has no stop_gradient, so with num_layers >= 2 task t's loss
+reaches the other tasks' lower-layer experts and embeddings through the next layer's
+shared input; the last layer's other-task experts still get none.
+
+gate_input="sum" (the default) is the authors' code; "concat" (concat(x_t, x_s)) is this
+library's previous behaviour: the same information at twice the gate's input width.
 aftb=False drops the stop_gradient (All Forward All Backward, the paper's ablation).
 """
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-from keras import ops
-
-from mdmt_tf.layers import ExpertGroup, SoftmaxGate, Towers, aftb_mix, mix
+from mdmt_tf.layers import STEMLayer, Towers
 from mdmt_tf.layers._util import register
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.models.params import Params
@@ -30,10 +45,14 @@ class STEMParams(Params):
     num_task_experts: int = 1
     expert_units: tuple[int, ...] = (256, 64)
     tower_units: tuple[int, ...] = (64,)
+    gate_units: tuple[int, ...] = (128, 64)  # () = a linear gate
+    gate_input: str = "sum"
+    num_layers: int = 1
     aftb: bool = True
     task_embedding_fields: tuple[str, ...] = ()  # () = every sparse field (the paper's best variant)
 
-    MAY_BE_EMPTY = Params.MAY_BE_EMPTY | {"tower_units", "task_embedding_fields"}
+    CHOICES = {"gate_input": ("sum", "concat")}
+    MAY_BE_EMPTY = Params.MAY_BE_EMPTY | {"tower_units", "task_embedding_fields", "gate_units"}
 
 
 @register
@@ -42,31 +61,30 @@ class STEM(MDMTModel):
 
     def build_layers(self):
         s, p = self.schema, self.params
-        t = s.num_tasks
         self.embedding = self.make_embedding()
         self.make_task_embeddings(p.task_embedding_fields)
-        self.shared_experts = ExpertGroup(p.num_shared_experts, p.expert_units, name="shared_experts")
-        self.task_experts = ExpertGroup(t * p.num_task_experts, p.expert_units, name="task_experts")
-        num_experts = p.num_shared_experts + t * p.num_task_experts
-        self.gates = [SoftmaxGate(num_experts, name=f"gate_{i}") for i in range(t)]
-        self.towers = Towers(t, p.tower_units, name="towers")
-        keep = np.zeros((t, num_experts), dtype="float32")
-        keep[:, :p.num_shared_experts] = 1.0
-        for i in range(t):
-            start = p.num_shared_experts + i * p.num_task_experts
-            keep[i, start:start + p.num_task_experts] = 1.0
-        self.keep = keep  # [T, E]: what gate t may train
+        self.stem_layers = [
+            STEMLayer(s.num_tasks, p.num_task_experts, p.num_shared_experts, p.expert_units,
+                      gate_units=p.gate_units, gate_input=p.gate_input, aftb=p.aftb,
+                      shared_gate=i < p.num_layers - 1, name=f"stem_{i}")
+            for i in range(p.num_layers)]
+        self.towers = Towers(s.num_tasks, p.tower_units, name="towers")
+
+    @property
+    def shared_experts(self):
+        """The first layer's shared experts (the only layer's by default)."""
+        return self.stem_layers[0].shared_experts
+
+    @property
+    def task_experts(self):
+        """The first layer's task experts [task 0's, task 1's, ...] (the only layer's by default)."""
+        return self.stem_layers[0].task_experts
 
     def forward(self, features, training=None):
-        p = self.params
         embedded = self.embedding(features, training=training)
-        x_shared = self.flat_inputs(embedded, features)
+        x_shared = self.flat_inputs(embedded, features)  # [B, n_in]
         x_tasks = self.task_inputs(embedded, features, training)  # [B, T, n_in]
-        shared = self.shared_experts(x_shared)  # [B, S, H]
-        tasks = self.task_experts(ops.repeat(x_tasks, p.num_task_experts, axis=1))  # [B, T*n, H]
-        everything = ops.concatenate([shared, tasks], axis=1)
-        weights = ops.stack([gate(ops.concatenate([x_tasks[:, i], x_shared], axis=-1))[:, 0]
-                             for i, gate in enumerate(self.gates)], axis=1)  # [B, T, E]
-        mixed = aftb_mix(weights, everything, self.keep) if p.aftb else mix(weights, everything)
-        logits = self.towers(mixed)
+        for layer in self.stem_layers:
+            x_tasks, x_shared, weights = layer(x_tasks, x_shared)
+        logits = self.towers(x_tasks)
         return self.probabilities(logits), {"logits": logits, "gates/tasks": weights}

@@ -54,6 +54,8 @@ def _stem(hp) -> None:
     hp.Choice("num_shared_experts", [1, 2, 4])
     hp.Choice("num_task_experts", [1, 2])
     _units(hp, "expert_units", ["256,64", "128,32"])
+    hp.Choice("num_layers", [1, 2])
+    hp.Choice("gate_input", ["sum", "concat"])
 
 
 def _mmoe(hp) -> None:
