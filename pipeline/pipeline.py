@@ -52,17 +52,23 @@ def _example_gen(config: PipelineConfig):
 
 
 def eval_config(config: PipelineConfig) -> tfma.EvalConfig:
-    """AUC / logloss / count per task, overall and sliced by domain; blessing thresholds:
-    AUC >= auc_floor for every task, and no drop larger than max_auc_drop vs the baseline."""
+    """AUC / logloss / count / mean prediction per task, overall and sliced by domain;
+    blessing thresholds: AUC >= auc_floor for every task, no drop larger than max_auc_drop vs
+    the baseline, and a mean prediction in [0, 1]: TFMA scores +-inf predictions a finite AUC
+    (end buckets of its histogram), but their mean is +-inf (NaN fails every bound). A NaN
+    prediction makes TFMA's AUC raise, so the Evaluator fails and nothing is blessed."""
     spec = config.dataset_spec
     threshold = tfma.MetricThreshold(
         value_threshold=tfma.GenericValueThreshold(lower_bound={"value": config.auc_floor}),
         change_threshold=tfma.GenericChangeThreshold(direction=tfma.MetricDirection.HIGHER_IS_BETTER,
                                                      absolute={"value": -config.max_auc_drop}))
+    probability = tfma.MetricThreshold(value_threshold=tfma.GenericValueThreshold(
+        lower_bound={"value": 0.0}, upper_bound={"value": 1.0}))
     metrics_specs = [tfma.MetricsSpec(output_names=[task], metrics=[
         tfma.MetricConfig(class_name="ExampleCount"),
         tfma.MetricConfig(class_name="AUC", threshold=threshold),
-        tfma.MetricConfig(class_name="BinaryCrossentropy")]) for task in spec.tasks]
+        tfma.MetricConfig(class_name="BinaryCrossentropy"),
+        tfma.MetricConfig(class_name="MeanPrediction", threshold=probability)]) for task in spec.tasks]
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(signature_name="serving_default", model_type="tf_generic",
                                     label_keys={task: task for task in spec.tasks})],

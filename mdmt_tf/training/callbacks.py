@@ -16,7 +16,9 @@ class ValidationMetrics(keras.callbacks.Callback):
     """At each epoch end, score the whole validation split and put `val_mean_auc`,
     `val_mean_logloss` and `val_weighted_auc` into the logs (so early stopping,
     TensorBoard, Keras Tuner and the history see them); `results` keeps every epoch's
-    full evaluation (per-pair AUC and logloss)."""
+    full evaluation (per-pair AUC and logloss, nonfinite_predictions). A value is NaN when
+    a prediction it covers is NaN or infinite (training.evaluation), or when no pair has
+    both classes."""
 
     def __init__(self, predict, features, labels, domain, domains, tasks):
         super().__init__()
@@ -76,7 +78,9 @@ class ResumableEarlyStopping(keras.callbacks.Callback):
     Each epoch end: write `checkpoints/last` (everything `checkpoint` tracks: model,
     optimizers, step counters), `checkpoints/best` when the monitor improves, and
     `checkpoints/state.json` (epoch, best value, patience counter, history). At train end
-    the best checkpoint's weights are restored.
+    the best checkpoint's weights are restored. A NaN (or missing) monitor value is the
+    worst epoch: it never becomes best and counts against patience, also as the first
+    epoch (unlike keras.callbacks.EarlyStopping, which keeps a NaN first epoch as its best).
     """
 
     def __init__(self, directory: Path, checkpoint, monitor: str = "val_mean_auc", patience: int = 3,

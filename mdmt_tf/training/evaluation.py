@@ -8,6 +8,13 @@ Conventions (also in metrics.json):
   domain_auc / domain_logloss[dom]   mean over the domain's tasks
   mean_auc / mean_logloss            unweighted mean over pairs
   weighted_auc / weighted_logloss    mean over pairs weighted by the pair's sample count
+  nonfinite_predictions[pair]        how many of the pair's predictions are NaN or +-inf;
+                                     only pairs with some ({} when every prediction is finite)
+Non-finite predictions: a pair (or task, pooled) with any NaN / +-inf prediction has AUC
+and logloss NaN, whatever its labels (NaN is not None: it never means "one class"), and
+every mean that includes such a pair is NaN; None pairs are still left out. metrics.json
+has no NaN (JSON has none): report.metrics writes it as null, like a one-class AUC, and
+nonfinite_predictions tells the two apart.
 AUC is exact (Mann-Whitney with average ranks for ties).
 """
 from __future__ import annotations
@@ -18,8 +25,11 @@ EPSILON = 1e-7
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
+    """Exact AUC; None with one class only, NaN when a score is NaN or infinite."""
     labels = np.asarray(labels).astype(bool).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
+    if not np.isfinite(scores).all():
+        return float("nan")
     n_pos = int(labels.sum())
     n_neg = labels.size - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -37,12 +47,18 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 
 
 def logloss(labels: np.ndarray, probs: np.ndarray) -> float:
-    p = np.clip(np.asarray(probs, dtype=np.float64).ravel(), EPSILON, 1 - EPSILON)
+    """Mean binary cross-entropy (probabilities clipped to [EPSILON, 1 - EPSILON]); NaN when a
+    probability is NaN or infinite (clipping would hide it)."""
+    p = np.asarray(probs, dtype=np.float64).ravel()
+    if not np.isfinite(p).all():
+        return float("nan")
+    p = np.clip(p, EPSILON, 1 - EPSILON)
     y = np.asarray(labels, dtype=np.float64).ravel()
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
 
 
 def _mean(values, weights=None):
+    """Weighted mean of the values that are not None (None if there are none); NaN if any is NaN."""
     pairs = [(v, w) for v, w in zip(values, weights or [1.0] * len(values)) if v is not None]
     if not pairs:
         return None
@@ -53,7 +69,7 @@ def _mean(values, weights=None):
 def evaluate(probs: dict, labels: dict, domain: np.ndarray, domains: list[str], tasks: list[str]) -> dict:
     """probs / labels {task: [N] or [N, 1]}, domain [N] indices into `domains`."""
     domain = np.asarray(domain).ravel()
-    out = {"auc": {}, "logloss": {}, "count": {}, "positives": {}}
+    out = {"auc": {}, "logloss": {}, "count": {}, "positives": {}, "nonfinite_predictions": {}}
     for d_index, d_name in enumerate(domains):
         rows = domain == d_index
         for task in tasks:
@@ -62,6 +78,9 @@ def evaluate(probs: dict, labels: dict, domain: np.ndarray, domains: list[str], 
             p = np.asarray(probs[task]).ravel()[rows]
             out["count"][key] = int(rows.sum())
             out["positives"][key] = int(y.sum())
+            nonfinite = int((~np.isfinite(p.astype(np.float64))).sum())
+            if nonfinite:
+                out["nonfinite_predictions"][key] = nonfinite
             out["auc"][key] = auc(y, p) if rows.any() else None
             out["logloss"][key] = logloss(y, p) if rows.any() else None
     keys = [k for k in out["auc"] if out["count"][k] > 0]

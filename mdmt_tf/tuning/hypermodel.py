@@ -3,7 +3,12 @@
 `build(hp)` returns the real trainer (MDMTTrainer, with the bi-level train_step for M3oE)
 around a model built from the sampled hyper-parameters; `fit` trains it with exact
 validation metrics and early stopping, and the objective is `val_mean_auc` (maximised),
-logged every epoch by mdmt_tf.training.callbacks.ValidationMetrics.
+logged every epoch by mdmt_tf.training.callbacks.ValidationMetrics. A trial whose objective
+is NaN (a NaN or infinite validation prediction, see training.evaluation) fails, naming the
+pairs with non-finite predictions: Keras Tuner scores a trial by its first epoch unless a
+later one is greater, and nothing is greater than NaN (Keras's EarlyStopping likewise keeps a
+NaN first epoch as its best), so a NaN first epoch is the trial's objective; a NaN later
+epoch is only a worse epoch.
 
 Hyper-parameter names are the models' own (num_shared_experts, expert_units...), widths
 lists written "256,64"; training ones are prefixed "train." (train.learning_rate,
@@ -11,6 +16,8 @@ train.arch_learning_rate, train.arch_mode). `split_values` turns a tuner's value
 (model params, training settings), the shape `mdmt train --hparams` reads.
 """
 from __future__ import annotations
+
+import math
 
 import keras
 import keras_tuner as kt
@@ -198,10 +205,19 @@ class MDMTHyperModel(kt.HyperModel):
         # the validation callback first: the tuner's callbacks read the objective from the logs
         history = model.fit(train, epochs=epochs or c.epochs, initial_epoch=initial_epoch,
                             callbacks=[validation, stop, *(callbacks or [])], verbose=self.verbose, shuffle=False)
-        check_objective(history.history)
+        check_objective(history.history, validation.results)
         return history
 
 
-def check_objective(logs: dict) -> None:
+def check_objective(logs: dict, results: list[dict] = ()) -> None:
+    """logs: the History's {name: [per epoch]}; results: ValidationMetrics.results (why it is NaN)."""
     if OBJECTIVE not in logs:
         raise ConfigError(f"the objective {OBJECTIVE} was never logged; logged: {sorted(logs)}")
+    values = logs[OBJECTIVE]
+    if values and math.isnan(values[0]):  # the trial's score (see the module docstring)
+        bad = results[0].get("nonfinite_predictions") if results else None
+        why = (f"non-finite predictions in {', '.join(f'{k} ({n} rows)' for k, n in bad.items())}" if bad else
+               "no (domain, task) pair of the validation split has both classes" if results else
+               "no per-pair results to say why")
+        epochs = "" if all(math.isnan(v) for v in values) else f" in epoch 1 of {len(values)}"
+        raise ConfigError(f"validation mean AUC is NaN{epochs}: {why}")

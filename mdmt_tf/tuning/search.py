@@ -18,7 +18,8 @@ its schedule: one iteration of brackets with max_epochs = the epochs per trial a
 when given, caps it (the search stops after that many trials, even inside a bracket).
 
 If every trial fails the search ends with a ConfigError naming the first failure and the
-fix, after writing the trials table with each trial's reason.
+fix, after writing the trials table with each trial's reason. A trial whose val_mean_auc is
+NaN (non-finite predictions) fails with that reason (MDMTHyperModel.fit) and is never best.
 
 Distributed (Keras Tuner's chief / worker mode): the chief serves the oracle, workers run
 trials; they meet through KERASTUNER_ORACLE_IP / KERASTUNER_ORACLE_PORT, and each worker
@@ -147,6 +148,9 @@ def trial_rows(tuner, out: Path | None = None) -> list[dict]:
 
 def _fix_for(reason: str) -> str:
     text = reason.lower()
+    if "mean auc is nan" in text and "non-finite predictions" in text:
+        return ("the model's predictions are NaN or infinite (diverged): lower train.learning_rate "
+                "(--fix train.learning_rate=0.001) or its search range, or check the dense inputs for huge values")
     if OBJECTIVE in reason or "objective" in text:
         return (f"every trial must log {OBJECTIVE} each epoch (mdmt_tf.training.callbacks.ValidationMetrics in "
                 "MDMTHyperModel.fit): check that the validation split is not empty and that a custom fit keeps "
