@@ -43,6 +43,28 @@ def check_units(units, name: str, layer: str, allow_empty: bool = False) -> tupl
     return units
 
 
+NORMS = (None, "layer")  # the normalisations ExpertGroup and Towers offer
+
+
+def check_norm(norm, layer: str):
+    if norm not in NORMS:
+        raise ValueError(f"{layer}: `norm` must be one of {NORMS}, received norm={norm!r}")
+    return norm
+
+
+def grouped_layer_norm(x, gamma, beta, epsilon: float):
+    """LayerNorm over the last axis with a separate affine (gamma, beta) per group: x [..., G, H]
+    (or [..., D, T, H]) and gamma / beta broadcastable to x's trailing axes, e.g. [G, H] for
+    G experts each with its own LayerNorm. Statistics in float32 whatever the compute dtype
+    (as Keras' LayerNormalization does); the result has x's dtype."""
+    dtype = x.dtype
+    x32 = ops.cast(x, "float32")
+    mean = ops.mean(x32, axis=-1, keepdims=True)
+    variance = ops.mean(ops.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * ops.rsqrt(variance + epsilon)
+    return ops.cast(normed * ops.cast(gamma, "float32") + ops.cast(beta, "float32"), dtype)
+
+
 def select_by_domain(x, domain, num_domains: int):
     """x: [B, D, ...] -> [B, ...], each row's own domain. A one-hot product, so the
     unselected slices get exactly zero gradient and no gather of weights is needed."""

@@ -17,12 +17,13 @@ class MLP(keras.layers.Layer):
       activation: activation after every layer (and its norm).
       norm: None, "layer" (LayerNormalization) or "batch" (BatchNormalization), after
         each Dense and before the activation.
+      epsilon: the norm's variance epsilon (Keras' 1e-3 by default; torch uses 1e-5).
       dropout: rate after each activation (training only).
       activate_last: if False the last layer is linear (no norm, activation, dropout).
     """
 
     def __init__(self, units, activation="relu", norm=None, dropout=0.0, activate_last=True,
-                 kernel_initializer="glorot_uniform", bias_initializer="zeros", **kwargs):
+                 kernel_initializer="glorot_uniform", bias_initializer="zeros", epsilon=1e-3, **kwargs):
         super().__init__(**kwargs)
         self.units = check_units(units, "units", "MLP")
         if norm not in NORMS:
@@ -32,6 +33,7 @@ class MLP(keras.layers.Layer):
         self.activation = keras.activations.get(activation)
         self.activation_name = activation
         self.norm, self.dropout_rate, self.activate_last = norm, float(dropout), bool(activate_last)
+        self.epsilon = float(epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.dense_layers, self.norm_layers = [], []
@@ -41,9 +43,9 @@ class MLP(keras.layers.Layer):
                 bias_initializer=clone_initializer(self.bias_initializer, i), name=f"dense_{i}"))
             last_linear = i == len(self.units) - 1 and not self.activate_last
             if norm == "layer" and not last_linear:
-                self.norm_layers.append(keras.layers.LayerNormalization(name=f"norm_{i}"))
+                self.norm_layers.append(keras.layers.LayerNormalization(epsilon=self.epsilon, name=f"norm_{i}"))
             elif norm == "batch" and not last_linear:
-                self.norm_layers.append(keras.layers.BatchNormalization(name=f"norm_{i}"))
+                self.norm_layers.append(keras.layers.BatchNormalization(epsilon=self.epsilon, name=f"norm_{i}"))
             else:
                 self.norm_layers.append(None)
         self.dropout_layer = keras.layers.Dropout(self.dropout_rate) if self.dropout_rate else None
@@ -74,6 +76,7 @@ class MLP(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "units": list(self.units), "activation": self.activation_name,
-                "norm": self.norm, "dropout": self.dropout_rate, "activate_last": self.activate_last,
+                "norm": self.norm, "epsilon": self.epsilon, "dropout": self.dropout_rate,
+                "activate_last": self.activate_last,
                 "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
                 "bias_initializer": keras.initializers.serialize(self.bias_initializer)}

@@ -1,25 +1,36 @@
 """M3oE: multi-domain multi-task mixture of experts (Zhang et al., SIGIR 2024).
 
-    embeddings (domain + sparse fields, dense) -> x
-    bottom:  x + StarFC(x) (shared weights * domain weights, shared + domain bias; a skip
-             connection), then an MLP 512 -> 256 with LayerNorm + ReLU
+The network is the authors' released model (checked against their code; the parity test
+tests/models/test_m3oe_parity.py restates its forward in NumPy):
+
+    embeddings (domain indicator + sparse fields, 16 each; dense values) -> x
+    bottom:  StarFC(x) -> 512: x (W_d * W) + b_d + b for the row's domain d, W_d and W both
+             Xavier-initialised, no norm, no activation; then Dense 512 -> 256, LayerNorm,
+             ReLU; plus a learned skip Dense x -> 256, LayerNorm, ReLU; the two summed
     experts: n_shared shared experts, one domain expert per domain, one task expert per
-             task; each bottom 256 -> 256 -> 64. All experts reading the bottom are one
-             stacked ExpertGroup `experts` (shared, then domain, then task experts: one
-             GEMM per layer); `expert_slices` says which is which
-    shared view [d, t]: softmax gate of tower (d, t) over the shared experts, reading
-             stop_gradient(bottom) as the authors do (gate_stop_gradient)
+             task; each Dense bottom 256 -> 64, LayerNorm, ReLU (the authors' code has one
+             layer per expert: `fcn_dims = [512, 256, 256, 64]`, whose last two entries are
+             the experts' input and output). All experts reading the bottom are one stacked
+             ExpertGroup `experts` (shared, then domain, then task experts: one GEMM per
+             layer); `expert_slices` says which is which
+    shared view [d, t]: softmax gate of tower (d, t), Dense 256 -> n_shared, over the shared
+             experts, reading stop_gradient(bottom) as the authors do (gate_stop_gradient)
     level 1 (balance beta): domain view d = s(b_d) E_d + (1 - s(b_d)) / (D - 1) sum_{j!=d} E_j;
              task view t likewise over the task experts
     level 2 (amplitude alpha): fused[d, t] = shared[d, t] + s(a_d) domain[d] + s(a_t) task[t]
-    towers:  one per (domain, task), 64 -> 64 -> 1; a sample is scored by its domain's towers
+    towers:  one per (domain, task): Dense 64 -> 64, LayerNorm, ReLU, Dense 64 -> 1; a sample
+             is scored by its own domain's towers
 
-alpha, beta (and the gate logits with shared_gate="logits") are architecture variables.
+LayerNorms use epsilon 1e-5 (torch's default, as in the authors' code). alpha, beta (and the
+gate logits with shared_gate="logits") are architecture variables; their raw values start
+at 1.0 as in the released configuration.
 
-gating="aftb" (the m3oe_aftb model): task experts read task-specific embeddings, and the
-gate of tower (d, t) mixes ALL experts (shared, domain, task) forward, with
-stop_gradient on the other tasks' experts there and in the task view (STEM's
-All-Forward-Task-specific-Backward), so task t's loss never trains another task's
+Ours, not the authors': arch_granularity="vector" (an alpha / beta per domain and per task),
+shared_gate="logits" (input-independent gates searched like DARTS' mixing weights), and
+gating="aftb" (the m3oe_aftb model): task experts read task-specific embeddings (bottom-deep:
+n_in -> 256 -> 64 with LayerNorm) and the gate of tower (d, t) mixes ALL experts (shared, domain,
+task) forward, with stop_gradient on the other tasks' experts there and in the task view
+(STEM's All-Forward-Task-specific-Backward), so task t's loss never trains another task's
 experts or embeddings. aftb_domains=True also stops gradients into other domains' experts
 (domain x task AFTB; no published system has it).
 """
@@ -30,8 +41,8 @@ import dataclasses
 from keras import ops
 
 from mdmt_tf.errors import ConfigError
-from mdmt_tf.layers import (MLP, Amplitude, Balance, ExpertGroup, GateLogits, SoftmaxGate, StarFC, Towers,
-                            aftb_mix, mix)
+from mdmt_tf.layers import (MLP, Amplitude, Balance, ExpertGroup, GateLogits, GroupedGlorotUniform, SoftmaxGate,
+                            StarFC, Towers, aftb_mix, mix)
 from mdmt_tf.layers._util import select_by_domain
 from mdmt_tf.layers._util import register
 from mdmt_tf.models.base import MDMTModel
@@ -42,8 +53,8 @@ from mdmt_tf.models.params import Params
 class M3oEParams(Params):
     """Defaults follow the authors' released configuration."""
 
-    bottom_units: tuple[int, ...] = (512, 256)
-    expert_units: tuple[int, ...] = (256, 64)   # bottom 256 -> 256 -> 64
+    bottom_units: tuple[int, ...] = (512, 256)  # STAR layer x -> 512, then 512 -> 256; the skip x -> 256
+    expert_units: tuple[int, ...] = (64,)       # each expert: bottom 256 -> 64
     tower_units: tuple[int, ...] = (64,)        # 64 -> 64 -> 1
     num_shared_experts: int = 4
     arch_init: float = 1.0                      # raw alpha / beta; sigmoid(1) = 0.73
@@ -60,8 +71,14 @@ class M3oEParams(Params):
 
     def validate(self, model):
         super().validate(model)
+        if len(self.bottom_units) < 2:
+            raise ConfigError(f"{model}: bottom_units needs at least 2 widths (the STAR layer's, then the bottom "
+                              f"MLP's), e.g. [512, 256]; got {list(self.bottom_units)}")
         if self.aftb_domains and self.gating != "aftb":
             raise ConfigError(f"{model}: aftb_domains=true needs gating='aftb', got gating={self.gating!r}")
+
+
+LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which the authors' code uses
 
 
 @register
@@ -73,15 +90,18 @@ class M3oE(MDMTModel):
         d, t = s.num_domains, s.num_tasks
         self.aftb = p.gating == "aftb"
         self.embedding = self.make_embedding()
-        n_in = (1 + len(s.sparse)) * p.embedding_dim + len(s.dense)
-        self.star = StarFC(d, n_in, name="star_bottom")
-        self.bottom = MLP(p.bottom_units, norm="layer", dropout=p.dropout, name="bottom")
+        eps = LAYER_NORM_EPSILON
+        self.star = StarFC(d, p.bottom_units[0], kernel_initializer=GroupedGlorotUniform(),
+                           domain_kernel_initializer=GroupedGlorotUniform(), name="star_bottom")
+        self.bottom = MLP(p.bottom_units[1:], norm="layer", epsilon=eps, dropout=p.dropout, name="bottom")
+        self.skip = MLP(p.bottom_units[-1:], norm="layer", epsilon=eps, dropout=p.dropout, name="skip")
         n_s = p.num_shared_experts
         on_bottom = n_s + d + (0 if self.aftb else t)
-        self.experts = ExpertGroup(on_bottom, p.expert_units, name="experts")
+        self.experts = ExpertGroup(on_bottom, p.expert_units, norm="layer", epsilon=eps, name="experts")
         self.expert_slices = {"shared": slice(0, n_s), "domain": slice(n_s, n_s + d)}
-        if self.aftb:
-            self.task_experts = ExpertGroup(t, p.expert_units, name="task_experts")  # on task embeddings
+        if self.aftb:  # on task embeddings: as deep as bottom + expert
+            self.task_experts = ExpertGroup(t, p.bottom_units[-1:] + p.expert_units, norm="layer", epsilon=eps,
+                                            name="task_experts")
         else:
             self.expert_slices["task"] = slice(n_s + d, n_s + d + t)
         self.expert_cuts = [part.stop for part in self.expert_slices.values()][:-1]  # where to split
@@ -102,11 +122,11 @@ class M3oE(MDMTModel):
         self.task_balance = Balance(t, p.arch_granularity, p.arch_init, stop_gradient_others=self.aftb,
                                     name="task_balance")
         self.amplitude = Amplitude(d, t, p.arch_granularity, p.arch_init, name="amplitude")
-        self.towers = Towers(t, p.tower_units, num_domains=d, name="towers")
+        self.towers = Towers(t, p.tower_units, num_domains=d, norm="layer", epsilon=eps, name="towers")
 
     # ---------------------------------------------------------------------------
     def _bottom(self, x, domain, training):
-        return self.bottom(x + self.star(x, domain), training=training)
+        return self.bottom(self.star(x, domain), training=training) + self.skip(x, training=training)
 
     def _gate_weights(self, gate_input, domain, task_inputs=None):
         """Gate weights of each sample's own domain: [B, T, E]."""

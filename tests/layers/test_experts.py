@@ -61,6 +61,44 @@ def test_numpy_reference(rank):
     np.testing.assert_allclose(out, expected, rtol=RTOL, atol=1e-5)
 
 
+def _layer_norm(h, gamma, beta, eps):
+    mean = h.mean(-1, keepdims=True)
+    var = ((h - mean) ** 2).mean(-1, keepdims=True)
+    return (h - mean) / np.sqrt(var + eps) * gamma + beta
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_layer_norm_per_expert_numpy_reference(rank):
+    """norm="layer": Dense -> LayerNorm (each expert its own scale and offset) -> ReLU per layer."""
+    rng = np.random.default_rng(3)
+    e, units, eps = 3, (4, 2), 1e-5
+    x = rng.normal(size=(5, 6) if rank == 2 else (5, e, 6)).astype("float32")
+    layer = ExpertGroup(e, units, norm="layer", epsilon=eps)
+    layer.build(x.shape)
+    assert [tuple(g.shape) for g in layer.gammas] == [(3, 4), (3, 2)] == [tuple(b.shape) for b in layer.betas]
+    for var in layer.kernels + layer.biases + layer.gammas + layer.betas:
+        var.assign(rng.normal(size=var.shape).astype("float32"))
+    h = x
+    for k, b, g, bt in zip(*([np_(v) for v in vs] for vs in (layer.kernels, layer.biases, layer.gammas, layer.betas))):
+        pre = np.stack([(h if h.ndim == 2 else h[:, i]) @ k[i] for i in range(e)], axis=1) + b
+        h = relu(_layer_norm(pre, g, bt, eps))
+    np.testing.assert_allclose(np_(layer(x)), h, rtol=1e-4, atol=1e-5)
+    # a different scale for expert 1 only changes expert 1's output
+    before = np_(layer(x))
+    layer.gammas[1].assign(np_(layer.gammas[1]) * np.array([[1.0], [3.0], [1.0]], "float32"))
+    after = np_(layer(x))
+    np.testing.assert_array_equal(after[:, [0, 2]], before[:, [0, 2]])
+    assert not np.allclose(after[:, 1], before[:, 1])
+
+
+def test_layer_norm_roundtrip_and_bad_norm(roundtrip):
+    layer = ExpertGroup(2, (3, 2), norm="layer", epsilon=1e-5, name="experts")
+    roundtrip(layer, np.random.default_rng(4).normal(size=(4, 5)).astype("float32"))
+    assert layer.get_config()["norm"] == "layer" and layer.get_config()["epsilon"] == 1e-5
+    with pytest.raises(ValueError, match=r"`norm`.*received norm='batch'"):
+        ExpertGroup(2, (3,), norm="batch")
+
+
 def test_weight_shapes():
     layer = ExpertGroup(3, (4, 2))
     layer.build((None, 6))

@@ -83,6 +83,30 @@ def test_numpy_reference(rank, num_domains):
     np.testing.assert_allclose(out, expected, rtol=RTOL, atol=1e-5)
 
 
+def test_layer_norm_per_tower_numpy_reference():
+    """norm="layer": each hidden layer is Dense -> LayerNorm (own scale / offset per (domain,
+    task) tower) -> ReLU; the logit layer has no norm."""
+    rng = np.random.default_rng(7)
+    eps = 1e-5
+    towers = Towers(num_tasks=2, units=(4,), num_domains=3, norm="layer", epsilon=eps)
+    x = rng.normal(size=(6, 2, 5)).astype("float32")
+    domain = rng.integers(0, 3, size=6)
+    towers.build(x.shape)
+    assert [tuple(g.shape) for g in towers.gammas] == [(3, 2, 4)] and len(towers.betas) == 1
+    for var in towers.kernels + towers.biases + towers.gammas + towers.betas:
+        var.assign(rng.normal(size=var.shape).astype("float32"))
+    k0, b0, k1, b1 = (np_(v) for v in (towers.kernels[0], towers.biases[0], towers.kernels[1], towers.biases[1]))
+    g, beta = np_(towers.gammas[0]), np_(towers.betas[0])
+    expected = np.zeros((6, 2), "float32")
+    for b in range(6):
+        d = domain[b]
+        for t in range(2):
+            h = x[b, t] @ k0[d, t] + b0[d, t]
+            h = (h - h.mean()) / np.sqrt(h.var() + eps) * g[d, t] + beta[d, t]
+            expected[b, t] = (np.maximum(h, 0.0) @ k1[d, t] + b1[d, t])[0]
+    np.testing.assert_allclose(np_(towers(x, domain=domain)), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_other_domains_get_zero_gradient():
     rng = np.random.default_rng(1)
     towers = Towers(num_tasks=2, units=(4,), num_domains=3)
@@ -125,6 +149,7 @@ def test_roundtrip(roundtrip, num_domains):
     (dict(num_tasks=2, num_domains=0), ["`num_domains`", "num_domains=0"]),
     (dict(num_tasks=2, units=(0,)), ["`units`", "units=(0,)"]),
     (dict(num_tasks=2, units=(4, "8")), ["`units`", "units=(4, '8')"]),
+    (dict(num_tasks=2, norm="batch"), ["`norm`", "norm='batch'"]),
 ])
 def test_validation(kwargs, fragments):
     with pytest.raises(ValueError) as info:

@@ -62,14 +62,21 @@ def test_m3oe_defaults_are_the_authors_configuration(encoded):
     n_in = (1 + len(schema.sparse)) * 16 + len(schema.dense)  # domain + sparse fields, 16-d, + dense
     d, t = schema.num_domains, schema.num_tasks
     assert shapes["embedding/embeddings"][1] == 16
-    assert shapes["bottom/dense_0/kernel"] == (n_in, 512) and shapes["bottom/dense_1/kernel"] == (512, 256)
-    # 4 shared + one per domain + one per task, each 256 -> 256 -> 64, stacked in one group
-    assert shapes["experts/kernel_0"] == (4 + d + t, 256, 256) and shapes["experts/kernel_1"] == (4 + d + t, 256, 64)
+    # bottom: STAR n_in -> 512 (shared and per-domain kernels and biases), Dense 512 -> 256 + LayerNorm;
+    # skip: Dense n_in -> 256 + LayerNorm
+    assert shapes["star_bottom/kernel"] == (n_in, 512) and shapes["star_bottom/domain_kernel"] == (d, n_in, 512)
+    assert shapes["star_bottom/bias"] == (512,) and shapes["star_bottom/domain_bias"] == (d, 512)
+    assert shapes["bottom/dense_0/kernel"] == (512, 256) and shapes["bottom/norm_0/gamma"] == (256,)
+    assert shapes["skip/dense_0/kernel"] == (n_in, 256) and shapes["skip/norm_0/gamma"] == (256,)
+    # 4 shared + one per domain + one per task, each 256 -> 64 with its own LayerNorm, stacked in one group
+    assert shapes["experts/kernel_0"] == (4 + d + t, 256, 64) and "experts/kernel_1" not in shapes
+    assert shapes["experts/norm_gamma_0"] == (4 + d + t, 64)
     assert [model.expert_slices[k] for k in ("shared", "domain", "task")] == [
         slice(0, 4), slice(4, 4 + d), slice(4 + d, 4 + d + t)]
+    # towers per (domain, task): 64 -> 64 + LayerNorm -> 1
     assert shapes["towers/kernel_0"] == (d, t, 64, 64) and shapes["towers/kernel_1"] == (d, t, 64, 1)
-    assert shapes["star_bottom/domain_kernel"] == (d, n_in, n_in)
-    assert any("bottom/norm_0" in p for p in shapes)  # LayerNorm in the bottom
+    assert shapes["towers/norm_gamma_0"] == (d, t, 64) and "towers/norm_gamma_1" not in shapes
+    assert shapes["shared_gates/logits/kernel"] == (256, d * t * 4)
 
 
 @pytest.mark.parametrize("granularity", ["scalar", "vector"])
