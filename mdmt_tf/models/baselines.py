@@ -227,16 +227,27 @@ class PEPNet(MDMTModel):
 # ---------------------------------------------------------------------------- ESMM
 @dataclasses.dataclass(frozen=True)
 class ESMMParams(Params):
+    """tower_units: each task tower's hidden layers.
+    allow_unnested: train even if the training labels are not nested (some row positive
+      for task k but not for task k-1, e.g. like=1 with click=0); by default that stops
+      training with an error naming the first such row (mdmt_tf.data.checks). When true,
+      one line on stderr counts those rows, and the outputs are then not the cascade's
+      probabilities."""
+
     tower_units: tuple[int, ...] = (128, 64)
+    allow_unnested: bool = False
 
 
 @register
 class ESMM(MDMTModel):
     """Entire space multi-task model (Ma et al., SIGIR 2018) as a cascade over the tasks in
     spec order: p(task_0) = sigmoid(l_0) and p(task_k) = p(task_{k-1}) * sigmoid(l_k), e.g.
-    p(like) = p(click) * p(like | click). Every output is trained on the entire space."""
+    p(like) = p(click) * p(like | click). Every output is trained on the entire space.
+    That is a likelihood only for nested labels (every like is a click): training checks
+    them (see ESMMParams.allow_unnested)."""
 
     Params = ESMMParams
+    cascade = True  # outputs chain the tasks in spec order: training needs nested labels
 
     def build_layers(self):
         self.embedding = self.make_embedding()

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mdmt_tf.data.checks import check_cascade
 from mdmt_tf.data.dataset import MDMTData, make_dataset
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models import FeatureSchema, ModelConfig, build_model
@@ -361,6 +362,9 @@ class Run:
             index = self.strategy.cluster_resolver.task_id
             self.out = self.out / "workers" / f"{self.strategy.cluster_resolver.task_type}-{index}"
             self.export = self.plots = False
+        # a cascade (ESMM) needs nested training labels: checked before the run directory is written
+        train_labels = self.data.labels("train") if self.data is not None else self.encoded.labels["train"]
+        check_cascade(self.model_config, (self.data or self.encoded).spec.tasks, train_labels, self.data)
         self._check_run_config()
         previous_policy = keras.mixed_precision.global_policy()
         try:
