@@ -67,7 +67,9 @@ def train_config_from_args(args):
 
     mamdr = MAMDRConfig(inner_lr=args.mamdr_inner_lr, outer_lr=args.mamdr_outer_lr, dr_lr=args.mamdr_dr_lr,
                         k=args.mamdr_k, inner_steps=args.mamdr_inner_steps,
-                        inner_optimizer=args.mamdr_inner_optimizer, scope=args.mamdr_scope)
+                        inner_optimizer=args.mamdr_inner_optimizer, scope=args.mamdr_scope,
+                        granularity=args.mamdr_granularity, dn_with_specific=args.mamdr_dn_with_specific,
+                        dr_target_steps=args.mamdr_dr_target_steps)
     return TrainConfig(epochs=pick("epochs", "epochs", 20), batch_size=pick("batch_size", "batch_size", 2048),
                        learning_rate=pick("lr", "learning_rate", 1e-3),
                        arch_learning_rate=pick("arch_lr", "arch_learning_rate", 3e-3),
@@ -143,13 +145,22 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="'pair': mean per (domain, task) then summed; 'sample': mean over the batch per task")
     p.add_argument("--strategy", default="plain", choices=("plain", "dn", "dr", "mamdr"),
                    help="MAMDR: domain negotiation (dn), domain regularization (dr), both (mamdr)")
-    p.add_argument("--mamdr-k", type=int, default=2)
-    p.add_argument("--mamdr-inner-lr", type=float, default=1e-3)
-    p.add_argument("--mamdr-outer-lr", type=float, default=0.5)
-    p.add_argument("--mamdr-dr-lr", type=float, default=0.5)
-    p.add_argument("--mamdr-inner-steps", type=int, default=1)
-    p.add_argument("--mamdr-inner-optimizer", default="adam", choices=("adam", "sgd"))
-    p.add_argument("--mamdr-scope", default="dense", choices=("dense", "all"))
+    p.add_argument("--mamdr-granularity", default="pass", choices=("pass", "batch"),
+                   help="what training on a domain is: one full pass over its data (the official code's; one "
+                        "outer iteration per epoch) or --mamdr-inner-steps steps on fresh batches")
+    p.add_argument("--mamdr-k", type=int, default=2, help="DR: support domains sampled per target domain")
+    p.add_argument("--mamdr-inner-lr", type=float, default=1e-3, help="alpha: DN's and DR's steps")
+    p.add_argument("--mamdr-outer-lr", type=float, default=0.5, help="beta: DN's Reptile step")
+    p.add_argument("--mamdr-dr-lr", type=float, default=0.5, help="gamma: DR's interpolation")
+    p.add_argument("--mamdr-inner-steps", type=int, default=1, help="steps per domain visit (granularity batch)")
+    p.add_argument("--mamdr-inner-optimizer", default="adam", choices=("adam", "sgd"),
+                   help="of DN's and DR's steps (state kept across domains and epochs); sgd: the paper's algorithms")
+    p.add_argument("--mamdr-scope", default="dense", choices=("dense", "all"),
+                   help="which weights get domain-specific copies theta_d (dense: all but embeddings)")
+    p.add_argument("--mamdr-dn-with-specific", action="store_true",
+                   help="--strategy mamdr: DN's steps at theta + theta_d instead of at theta alone (Algorithm 3)")
+    p.add_argument("--mamdr-dr-target-steps", type=int, default=0,
+                   help="granularity pass: cap DR's pass over the target domain at N batches (0: no cap)")
     p.add_argument("--min-count", type=int, default=1, help="ids seen fewer times in training go to the OOV bucket")
     p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
                    help="'auto': mixed_bfloat16 on CPUs with native bfloat16 (AVX512_BF16/AMX), else float32")

@@ -90,9 +90,18 @@ class MAMDRConfig:
     outer_lr: float = 0.5       # beta: DN's Reptile step
     dr_lr: float = 0.5          # gamma: DR's interpolation
     k: int = 2                  # other domains sampled per domain in DR
-    inner_steps: int = 1        # DN steps per domain per outer iteration
+    inner_steps: int = 1        # steps per domain visit with granularity "batch"
     inner_optimizer: str = "adam"  # "sgd" is the paper's algorithm verbatim
     scope: str = "dense"        # domain-specific copies of "dense" weights or "all"
+    granularity: str = "pass"   # "pass": a full pass per domain visit (the official code's); "batch"
+    dn_with_specific: bool = False  # DN's steps at theta~ + theta_d instead of theta~ alone
+    dr_target_steps: int = 0    # cap on DR's pass over the target domain, in batches (0: none; "pass" only)
+
+    def __post_init__(self):
+        from mdmt_tf.training.mamdr import check_options
+
+        check_options(granularity=self.granularity, inner_lr=self.inner_lr, outer_lr=self.outer_lr,
+                      dr_lr=self.dr_lr, k=self.k, inner_steps=self.inner_steps, dr_target_steps=self.dr_target_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +218,17 @@ def _diff(old, new, prefix=""):
         yield prefix.rstrip("."), old, new
 
 
+def _with_defaults(values: dict, defaults: dict) -> dict:
+    """`values` with every key it lacks (at any depth, e.g. train.mamdr.granularity) taken from `defaults`."""
+    out = dict(values)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(default, dict) and isinstance(out[key], dict):
+            out[key] = _with_defaults(out[key], default)
+    return out
+
+
 def _take(arrays: dict, index: np.ndarray) -> dict:
     return {k: v[index] for k, v in arrays.items()}
 
@@ -291,7 +311,8 @@ class Run:
         if path.exists():
             previous = json.loads(path.read_text())
             # settings added by a newer version are absent from older runs: read them as their defaults
-            previous["train"] = {**json.loads(json.dumps(TrainConfig().to_dict())), **previous.get("train", {})}
+            defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+            previous["train"] = _with_defaults(previous.get("train", {}), defaults)
             differs = [f"{key}: {old!r} -> {new!r}" for key, old, new in _diff(previous, current)
                        if key not in self.RESUMABLE_CHANGES]
             if differs:
@@ -316,19 +337,17 @@ class Run:
         seed = self._data_seed()
         if c.strategy != "plain":
             domains = sorted(set(enc.domain["train"].tolist()))
-            trainer = MAMDRTrainer(model, strategy=c.strategy, domains=domains, inner_lr=c.mamdr.inner_lr,
-                                   outer_lr=c.mamdr.outer_lr, dr_lr=c.mamdr.dr_lr, k=c.mamdr.k,
-                                   inner_steps=c.mamdr.inner_steps, inner_optimizer=c.mamdr.inner_optimizer,
-                                   learning_rate=c.learning_rate, scope=c.mamdr.scope, seed=c.seed,
-                                   task_weights=weights, loss_reduction=c.loss_reduction)
-            datasets = []
-            for d in domains:
-                rows = np.flatnonzero(enc.domain["train"] == d)
-                datasets.append(make_dataset(_take(enc.features["train"], rows), _take(enc.labels["train"], rows),
-                                             batch_size=c.batch_size, shuffle=True, seed=seed + d, repeat=True,
-                                             drop_remainder=False))
-            steps = max(1, enc.rows("train") // (c.batch_size * len(domains)))
-            return trainer, tf.data.Dataset.zip(tuple(datasets)), steps, c.batch_size * len(domains)
+            m = c.mamdr
+            trainer = MAMDRTrainer(model, strategy=c.strategy, domains=domains, granularity=m.granularity,
+                                   inner_lr=m.inner_lr, outer_lr=m.outer_lr, dr_lr=m.dr_lr, k=m.k,
+                                   inner_steps=m.inner_steps, inner_optimizer=m.inner_optimizer,
+                                   learning_rate=c.learning_rate, scope=m.scope, dn_with_specific=m.dn_with_specific,
+                                   dr_target_steps=m.dr_target_steps, seed=c.seed, task_weights=weights,
+                                   loss_reduction=c.loss_reduction)
+            # the schedule of epoch e is a function of (seed, e): a resumed run replays the uninterrupted one
+            train, steps, rows_per_step = trainer.training_data(enc.features["train"], enc.labels["train"],
+                                                                c.batch_size)
+            return trainer, train, steps, rows_per_step
         train_rows = np.arange(enc.rows("train"))
         heldout = None
         uses_heldout = bool(model.architecture_variables) and c.arch_mode == "bilevel"  # the bi-level search
@@ -433,13 +452,8 @@ class Run:
         serving export with `serving_precision: bfloat16`, whose weights are stored in
         bfloat16, so no per-call casts (half the size, faster where bfloat16 is native)."""
         copy = model.copy_under(policy)
-        if isinstance(trainer, MAMDRTrainer) and trainer.use_dr:
-            from mdmt_tf.training.mamdr import DomainSpecificModel
-
-            deltas = [[None if delta is None else keras.Variable(keras.ops.cast(delta, v.dtype), trainable=False,
-                                                                  name=delta.name)
-                       for v, delta in zip(copy.trainable_variables, row)] for row in trainer.deltas]
-            return copy, DomainSpecificModel(copy, deltas)
+        if isinstance(trainer, MAMDRTrainer):  # theta + theta_d with DR (theta_d cast to the copy's dtypes)
+            return copy, trainer.serving_model(copy)
         return copy, copy
 
     def _finish(self, model, serving, exported, enc: EncodedData, state, best_epoch, trajectory, timer) -> dict:
