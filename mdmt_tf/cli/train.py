@@ -74,7 +74,8 @@ def train_config_from_args(args):
                        learning_rate=pick("lr", "learning_rate", 1e-3),
                        arch_learning_rate=pick("arch_lr", "arch_learning_rate", 3e-3),
                        arch_mode=pick("arch_mode", "arch_mode", "bilevel"), arch_period=args.arch_period,
-                       arch_data=args.arch_data, patience=pick("patience", "patience", 3), seed=args.seed,
+                       arch_data=pick("arch_data", "arch_data", TrainConfig.arch_data),
+                       patience=pick("patience", "patience", 3), seed=args.seed,
                        task_weights=tuple(sorted(weights.items())), loss_reduction=args.loss_reduction,
                        strategy=args.strategy, mamdr=mamdr, precision=args.precision,
                        jit_compile=args.jit, serving_precision=args.serving_precision, min_count=args.min_count,
@@ -137,7 +138,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="default bilevel (or --hparams')")
     p.add_argument("--arch-lr", type=float, default=None, help="architecture learning rate (Adam; default 3e-3)")
     p.add_argument("--arch-period", type=int, default=1, help="an architecture step every N weight steps")
-    p.add_argument("--arch-data", default="val", help="held-out stream: 'val' or 'holdout:FRACTION' of training")
+    p.add_argument("--arch-data", default=None,
+                   help="where bilevel's architecture steps read batches: 'holdout:FRACTION' of the training rows "
+                        "(default holdout:0.1; those rows then never enter a weight step) or 'val' (the validation "
+                        "split, which also picks the best epoch); ignored by models and modes that do not search")
     p.add_argument("--patience", type=int, default=None,
                    help="epochs without val_mean_auc gain before stopping; default 3 (or the search's, with --hparams)")
     p.add_argument("--task-weight", action="append", metavar="TASK=W", help="loss weight of a task (default 1)")

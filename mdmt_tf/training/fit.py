@@ -112,7 +112,7 @@ class TrainConfig:
     arch_learning_rate: float = 3e-3
     arch_mode: str = "bilevel"
     arch_period: int = 1
-    arch_data: str = "val"      # "val" or "holdout:FRACTION" (a slice of training held out of weight steps)
+    arch_data: str = "holdout:0.1"  # bilevel's architecture batches: "holdout:FRACTION" of training or "val"
     patience: int = 3
     seed: int = 0
     task_weights: tuple[tuple[str, float], ...] = ()
@@ -251,6 +251,46 @@ class _Timer(keras.callbacks.Callback):
         self.examples += self._steps * self.examples_per_step
 
 
+def plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learning_rate: float | None = None,
+                  arch_learning_rate: float | None = None, arch_mode: str | None = None):
+    """(MDMTTrainer, its training batches) for `model` on the encoded data: the construction
+    `mdmt train` and the tuner's trials share (the tuner overrides the searched values).
+
+    The architecture steps' batches: bilevel reads a held-out slice of the training rows
+    (arch_data "holdout:FRACTION", the default: those rows never enter a weight step) or
+    the validation split ("val"); authors reads a second, separately shuffled pass over the
+    training rows, as the released code does. The validation split is what picks the best
+    epoch and scores tuner trials: a search that also fits alpha / beta on it would choose
+    them on the data that then judges them. Models without architecture variables, and
+    arch modes that do not search, train the weights on every training row."""
+    arch_mode = arch_mode or c.arch_mode
+    train_rows = np.arange(enc.rows("train"))
+    searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
+    heldout = None
+    if searching and arch_mode == "authors":
+        heldout = make_dataset(enc.features["train"], enc.labels["train"], batch_size=c.batch_size, shuffle=True,
+                               seed=seed + 2)
+    elif searching and c.holdout_fraction() is not None:
+        order = np.random.default_rng(c.seed).permutation(len(train_rows))
+        cut = max(1, int(round(c.holdout_fraction() * len(order))))
+        held, train_rows = np.sort(order[:cut]), np.sort(order[cut:])
+        heldout = make_dataset(_take(enc.features["train"], held), _take(enc.labels["train"], held),
+                               batch_size=c.batch_size, shuffle=True, seed=seed + 1)
+    elif searching:
+        heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
+                               seed=seed + 1)
+    trainer = MDMTTrainer(model, arch_mode=arch_mode,
+                          learning_rate=learning_rate if learning_rate is not None else c.learning_rate,
+                          arch_learning_rate=arch_learning_rate if arch_learning_rate is not None
+                          else c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
+                          steps_per_epoch=int(np.ceil(len(train_rows) / c.batch_size)),
+                          task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
+                          jit_compile=c.jit_compile)
+    train = make_dataset(_take(enc.features["train"], train_rows), _take(enc.labels["train"], train_rows),
+                         batch_size=c.batch_size, shuffle=True, seed=seed)
+    return trainer, train
+
+
 def predictor(model, batch_size: int):
     """numpy features -> {task: probabilities [N]} in batches, in a tf.function."""
     call = tf.function(lambda x: model(x, training=False), reduce_retracing=True)
@@ -348,29 +388,7 @@ class Run:
             train, steps, rows_per_step = trainer.training_data(enc.features["train"], enc.labels["train"],
                                                                 c.batch_size)
             return trainer, train, steps, rows_per_step
-        train_rows = np.arange(enc.rows("train"))
-        heldout = None
-        uses_heldout = bool(model.architecture_variables) and c.arch_mode == "bilevel"  # the bi-level search
-        fraction = c.holdout_fraction()
-        if fraction is not None and not uses_heldout:
-            print(f"[mdmt] arch_data {c.arch_data} ignored: {self.model_config.name} has nothing to search in "
-                  f"arch_mode {c.arch_mode!r}; the weights train on every training row", file=sys.stderr, flush=True)
-        if fraction is not None and uses_heldout:
-            order = np.random.default_rng(c.seed).permutation(len(train_rows))
-            cut = int(round(fraction * len(order)))
-            held, train_rows = np.sort(order[:cut]), np.sort(order[cut:])
-            heldout = make_dataset(_take(enc.features["train"], held), _take(enc.labels["train"], held),
-                                   batch_size=c.batch_size, shuffle=True, seed=seed + 1)
-        elif uses_heldout:
-            heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
-                                   seed=seed + 1)
-        steps = int(np.ceil(len(train_rows) / c.batch_size))
-        trainer = MDMTTrainer(model, arch_mode=c.arch_mode, learning_rate=c.learning_rate,
-                              arch_learning_rate=c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
-                              steps_per_epoch=steps, task_weights=weights, loss_reduction=c.loss_reduction,
-                              jit_compile=c.jit_compile)
-        train = make_dataset(_take(enc.features["train"], train_rows), _take(enc.labels["train"], train_rows),
-                             batch_size=c.batch_size, shuffle=True, seed=seed)
+        trainer, train = plain_trainer(model, enc, c, seed)
         return trainer, train, None, c.batch_size
 
     # ------------------------------------------------------------------ run

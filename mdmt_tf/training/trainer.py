@@ -10,9 +10,18 @@ arch_mode
   joint    one optimizer updates all variables, architecture ones included, on training
            batches (no search).
   fixed    architecture variables are frozen at their initial values.
-  authors  the authors' released behaviour: the weight optimizer updates all variables
-           (architecture ones included) every step, and in addition one architecture
-           optimizer step per epoch, on a training batch (the epoch's first).
+  authors  the authors' released trainer, quirks included: (1) the weight optimizer holds
+           every variable, the architecture ones too (their optimizer filter `~` on a bool
+           is always true), so alpha / beta are trained jointly at the weight learning rate;
+           (2) in addition, once per epoch, AFTER the epoch's last weight step, one step of
+           the architecture optimizer on the next batch of a separate pass over the
+           training data (`heldout` is that stream here: shuffled training batches, never
+           the validation split); (3) that step's loss is plain binary cross-entropy averaged
+           over the [batch, tasks] outputs, not the per-(domain, task) training loss.
+           (Their first-order backward reaches every weight, but only the architecture
+           optimizer steps, so only alpha / beta move: the same as here.) Their learning
+           rates are --lr 0.01 --arch-lr 0.001, both Adam with a coupled weight decay of 1e-5
+           (not reproduced: this trainer has no weight decay; embedding_l2 is the closest).
 
 The held-out batches come from a tf.data iterator read inside the branch of a cond, so a
 batch is consumed exactly when an architecture step runs. Models without architecture
@@ -29,7 +38,7 @@ from keras import ops
 
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models.base import MDMTModel
-from mdmt_tf.training.losses import mdmt_loss
+from mdmt_tf.training.losses import bce, mdmt_loss
 
 ARCH_MODES = ("bilevel", "joint", "fixed", "authors")
 
@@ -96,10 +105,11 @@ class MDMTTrainer(keras.Model):
         self.arch_loss_tracker = keras.metrics.Mean(name="arch_loss")
 
         self._heldout = None
-        if arch_mode == "bilevel" and self.searching:
+        if self.searching:
             if heldout is None:
-                raise ConfigError("arch_mode 'bilevel' needs a held-out stream for the architecture steps "
-                                  "(the validation split or a slice of training data)")
+                raise ConfigError(f"arch_mode {arch_mode!r} needs a stream of batches for the architecture steps "
+                                  "(bilevel: a held-out slice of training data or the validation split; authors: "
+                                  "a separate pass over the training data)")
             self._heldout = iter(heldout.repeat())
         if jit_compile:  # XLA-compile each step (Keras compiles train_step itself, without XLA)
             if tf.distribute.has_strategy():
@@ -158,47 +168,56 @@ class MDMTTrainer(keras.Model):
         self.weight_optimizer.apply(grads, self.weight_vars)
         return loss
 
+    def arch_loss_of(self, features, labels):
+        """(loss to differentiate, loss to report) of an architecture step: the training loss,
+        or in authors mode the released code's plain BCE mean over the [batch, tasks] outputs."""
+        if self.arch_mode != "authors":
+            return self.loss_of(features, labels)
+        probs = self.net(features, training=True)
+        loss = ops.mean(ops.stack([ops.mean(bce(ops.reshape(labels[t], (-1,)), ops.reshape(probs[t], (-1,))))
+                                   for t in self.net.schema.tasks]))
+        return loss, loss
+
     def _arch_step_impl(self, features, labels):
         # watch only alpha / beta / gate logits: the tape then records (and back-propagates
         # through) just the ops downstream of them, not the whole network
         handles = [v.value for v in self.arch_vars]  # the backing tf.Variables
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(handles)
-            total, loss = self.loss_of(features, labels)
+            total, loss = self.arch_loss_of(features, labels)
         grads = tape.gradient(total, handles)
         self.arch_optimizer.apply(grads, self.arch_vars)
         return loss
 
-    def _maybe_arch_step(self, features, labels):
-        """Returns (architecture loss or 0, 1.0 if a step was taken else 0.0)."""
+    def _heldout_arch_step(self):
+        held_features, held_labels = self._heldout.get_next()
+        return self._arch_step(held_features, held_labels)
+
+    def _maybe_arch_step(self):
+        """An architecture step if one is due now; returns (its loss or 0, 1.0 if taken else 0.0).
+        bilevel: before the weight step, every arch_period steps; authors: after the epoch's
+        last weight step (weight_steps already counts it)."""
         if not self.searching:
             return ops.zeros(()), ops.zeros(())
         if self.arch_mode == "bilevel" and self.arch_period == 1:  # every step: no conditional needed
-            held_features, held_labels = self._heldout.get_next()
             self.arch_steps.assign_add(1)
-            return self._arch_step(held_features, held_labels), ops.ones(())
-        if self.arch_mode == "bilevel":
-            due = ops.equal(self.weight_steps % self.arch_period, 0)
-
-            def step():
-                held_features, held_labels = self._heldout.get_next()
-                return self._arch_step(held_features, held_labels)
-        else:  # authors: once per epoch, on the epoch's first training batch
-            due = ops.equal(self.weight_steps % self.steps_per_epoch, 0)
-
-            def step():
-                return self._arch_step(features, labels)
-
-        loss = tf.cond(due, step, lambda: tf.zeros(()))
-        taken = ops.cast(due, "float32")
+            return self._heldout_arch_step(), ops.ones(())
+        period = self.arch_period if self.arch_mode == "bilevel" else self.steps_per_epoch
+        due = ops.equal(self.weight_steps % period, 0)
+        loss = tf.cond(due, self._heldout_arch_step, lambda: tf.zeros(()))
         self.arch_steps.assign_add(ops.cast(due, "int64"))
-        return loss, taken
+        return loss, ops.cast(due, "float32")
 
     def train_step(self, data):
         features, labels = data
-        arch_loss, taken = self._maybe_arch_step(features, labels)
-        loss = self._weight_step(features, labels)
-        self.weight_steps.assign_add(1)
+        if self.arch_mode == "authors":  # the weight step, then (after an epoch's last) the architecture step
+            loss = self._weight_step(features, labels)
+            self.weight_steps.assign_add(1)
+            arch_loss, taken = self._maybe_arch_step()
+        else:
+            arch_loss, taken = self._maybe_arch_step()
+            loss = self._weight_step(features, labels)
+            self.weight_steps.assign_add(1)
         self.loss_tracker.update_state(loss)
         self.arch_loss_tracker.update_state(arch_loss, sample_weight=taken)
         return step_logs({m.name: m.result() for m in self.metrics})

@@ -22,11 +22,9 @@ import math
 import keras
 import keras_tuner as kt
 
-from mdmt_tf.data.dataset import make_dataset
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models import MODELS, ModelConfig, build_model
 from mdmt_tf.training.callbacks import ValidationMetrics
-from mdmt_tf.training.trainer import MDMTTrainer
 
 OBJECTIVE = "val_mean_auc"
 TRAIN_PREFIX = "train."
@@ -176,20 +174,18 @@ class MDMTHyperModel(kt.HyperModel):
         return ModelConfig(self.model_name, params), train
 
     def build(self, hp):
+        from mdmt_tf.training.fit import plain_trainer
+
         self.declare(hp)
         model_config, train = self.config_for(hp.values)
         c, enc = self.train_config, self.encoded
         keras.utils.set_random_seed(c.seed)  # as `mdmt train --seed`: a trial is reproducible from its values
         model = build_model(model_config, enc.schema)
-        arch_mode = train.get("arch_mode", c.arch_mode)
-        heldout = None
-        if model.architecture_variables and arch_mode == "bilevel":
-            heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
-                                   seed=c.seed + 1)
-        trainer = MDMTTrainer(model, arch_mode=arch_mode, learning_rate=train.get("learning_rate", c.learning_rate),
-                              arch_learning_rate=train.get("arch_learning_rate", c.arch_learning_rate),
-                              arch_period=c.arch_period, heldout=heldout, loss_reduction=c.loss_reduction,
-                              steps_per_epoch=-(-enc.rows("train") // c.batch_size))
+        # the trainer `mdmt train` builds (held-out architecture batches included), with the trial's values;
+        # its training batches are kept for fit(), which Keras Tuner calls next with this trainer
+        trainer, self._train_batches = plain_trainer(
+            model, enc, c, c.seed, learning_rate=train.get("learning_rate"),
+            arch_learning_rate=train.get("arch_learning_rate"), arch_mode=train.get("arch_mode"))
         trainer.compile()
         return trainer
 
@@ -200,8 +196,7 @@ class MDMTHyperModel(kt.HyperModel):
         validation = ValidationMetrics(predictor(model.net, c.eval_batch_size), enc.features["val"],
                                        enc.labels["val"], enc.domain["val"], enc.domains, enc.spec.tasks)
         stop = keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=c.patience)
-        train = make_dataset(enc.features["train"], enc.labels["train"], batch_size=c.batch_size, shuffle=True,
-                             seed=c.seed)
+        train = self._train_batches
         # the validation callback first: the tuner's callbacks read the objective from the logs
         history = model.fit(train, epochs=epochs or c.epochs, initial_epoch=initial_epoch,
                             callbacks=[validation, stop, *(callbacks or [])], verbose=self.verbose, shuffle=False)

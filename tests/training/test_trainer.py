@@ -41,12 +41,59 @@ def test_bilevel_weight_optimizer_never_touches_architecture_variables(enc):
 def test_authors_mode_lets_the_weight_optimizer_move_alpha_beta(enc):
     model = _m3oe(enc)
     steps = int(np.ceil(enc.rows("train") / 256))
-    trainer = MDMTTrainer(model, arch_mode="authors", arch_learning_rate=0.0, steps_per_epoch=steps)
+    trainer = MDMTTrainer(model, arch_mode="authors", arch_learning_rate=0.0, steps_per_epoch=steps,
+                          heldout=batches(enc, "train", 256, shuffle=True, seed=5))
     assert {id(v) for v in model.architecture_variables} <= {id(v) for v in trainer.weight_vars}
     arch0 = values(model.architecture_variables)
     _fit(trainer, enc, epochs=2)
     assert all(_changed(arch0, values(model.architecture_variables)))
     assert int(trainer.arch_steps.numpy()) == 2  # one per epoch
+
+
+def test_authors_mode_steps_after_the_epoch_with_plain_bce_on_the_next_separate_batch(enc):
+    """The released trainer: after an epoch's last weight step, one architecture step on the
+    next batch of a separate pass over the training data, differentiating plain BCE over the
+    [batch, tasks] outputs (not the per-(domain, task) training loss). The weights are frozen
+    here (SGD at lr 0) so that only that step can move alpha / beta, by exactly -grad."""
+    import tensorflow as tf
+
+    from mdmt_tf.training.losses import bce
+
+    model = _m3oe(enc, arch_granularity="vector")
+    separate = list(batches(enc, "train", 100, shuffle=True, seed=9).take(2))  # the separate pass's batches
+    stream = tf.data.Dataset.from_tensor_slices(separate[0]).batch(100).concatenate(
+        tf.data.Dataset.from_tensor_slices(separate[1]).batch(100))
+    trainer = MDMTTrainer(model, arch_mode="authors", steps_per_epoch=3, heldout=stream,
+                          weight_optimizer=keras.optimizers.SGD(0.0), arch_optimizer=keras.optimizers.SGD(1.0))
+    trainer.compile()
+    train_batches = list(batches(enc, "train", 100).take(3))
+    held_f, held_l = separate[0]
+
+    def grads(loss_fn):
+        with tf.GradientTape() as tape:
+            loss = loss_fn()
+        return [g.numpy() for g in tape.gradient(loss, model.architecture_variables)]
+
+    def plain_bce():
+        probs = model(held_f, training=True)
+        entries = tf.concat([bce(tf.reshape(held_l[t], (-1,)), tf.reshape(probs[t], (-1,))) for t in enc.schema.tasks],
+                            axis=0)
+        return tf.reduce_mean(entries)  # over the [batch, tasks] outputs
+
+    g_plain, g_pair = grads(plain_bce), grads(lambda: trainer.loss_of(held_f, held_l)[0])
+    assert any(not np.allclose(a, b, atol=1e-5) for a, b in zip(g_plain, g_pair))
+    before = values(model.architecture_variables)
+    for batch in train_batches[:2]:  # not yet the epoch's end
+        trainer.train_step(batch)
+        assert int(trainer.arch_steps.numpy()) == 0
+        assert not any(_changed(before, values(model.architecture_variables)))
+    trainer.train_step(train_batches[2])  # the epoch's last step: the architecture step follows it
+    assert int(trainer.arch_steps.numpy()) == 1 and int(trainer.weight_steps.numpy()) == 3
+    for b, a, g in zip(before, values(model.architecture_variables), g_plain):
+        np.testing.assert_allclose(a - b, -g, rtol=1e-4, atol=1e-6)
+    # it read the separate stream's first batch: the next one is the second
+    next_features, _ = trainer._heldout.get_next()
+    np.testing.assert_array_equal(next_features["user_id"].numpy(), separate[1][0]["user_id"].numpy())
 
 
 @pytest.mark.parametrize("mode, moves", [("joint", True), ("fixed", False)])
@@ -84,8 +131,10 @@ def test_models_without_architecture_variables_and_errors(enc):
     trainer = MDMTTrainer(model, arch_mode="bilevel")  # nothing to search: no held-out stream needed
     _fit(trainer, enc)
     assert int(trainer.arch_steps.numpy()) == 0
-    with pytest.raises(ConfigError, match="held-out stream"):
+    with pytest.raises(ConfigError, match="stream of batches for the architecture steps"):
         MDMTTrainer(_m3oe(enc), arch_mode="bilevel")
+    with pytest.raises(ConfigError, match="authors: a separate pass over the training data"):
+        MDMTTrainer(_m3oe(enc), arch_mode="authors", steps_per_epoch=3)
     with pytest.raises(ConfigError, match="arch_mode must be one of"):
         MDMTTrainer(model, arch_mode="darts")
     with pytest.raises(ConfigError, match="unknown task"):
@@ -152,6 +201,7 @@ def test_architecture_step_follows_the_heldout_gradient_not_the_training_one(enc
 @pytest.mark.parametrize("name, params, mode, held_out", [
     ("m3oe", SMALL, "bilevel", True),
     ("m3oe", SMALL, "joint", False),       # nothing searched on held-out data: every row trains
+    ("m3oe", SMALL, "authors", False),     # a separate pass over every training row
     ("mmoe", {"expert_units": [8], "tower_units": [8], "embedding_dim": 4}, "bilevel", False),
 ])
 def test_holdout_slice_leaves_the_weight_steps_only_when_searching(name, params, mode, held_out, enc, tmp_path):
@@ -167,7 +217,29 @@ def test_holdout_slice_leaves_the_weight_steps_only_when_searching(name, params,
         assert train_rows == n - round(0.25 * n)
         assert trainer._heldout is not None
     else:
-        assert train_rows == n and trainer._heldout is None
+        assert train_rows == n and (trainer._heldout is not None) == (mode == "authors")
+
+
+def test_the_default_architecture_data_is_a_training_holdout_never_the_validation_split(enc, tmp_path):
+    """By default bilevel's architecture batches are 10 % of the training rows: no validation
+    row (the split that picks the best epoch and scores tuner trials) ever reaches them."""
+    from mdmt_tf.models import ModelConfig
+    from mdmt_tf.training.fit import Run, TrainConfig
+
+    assert TrainConfig().arch_data == "holdout:0.1"
+    run = Run(ModelConfig("m3oe", SMALL), enc, TrainConfig(batch_size=10_000), tmp_path)
+    trainer, train, _, _ = run._trainer(_m3oe(enc), enc)
+    held_features, _ = trainer._heldout.get_next()
+    train_features, _ = next(iter(train))
+
+    def key(f):
+        return set(zip(*(np.asarray(f[k]).tolist() for k in ("user_id", "item_id", "domain_id"))))
+
+    held, trained = key(held_features), key(train_features)
+    n = enc.rows("train")
+    assert len(held_features["user_id"]) == round(0.1 * n) and len(train_features["user_id"]) == n - round(0.1 * n)
+    all_train = key(enc.features["train"])
+    assert held <= all_train and not held <= trained
 
 
 def test_a_resumed_run_does_not_replay_the_first_epochs_order(enc, tmp_path):

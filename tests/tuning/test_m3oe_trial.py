@@ -28,7 +28,10 @@ def test_m3oe_trial_runs_the_bilevel_train_step(tuning_data, tmp_path):
     initial = hypermodel.build(trial.hyperparameters)  # the same values and seed, untrained
     assert isinstance(trained, MDMTTrainer) and trained.arch_mode == "bilevel" and trained.searching
 
-    steps = -(-encoded.rows("train") // config.batch_size)
+    # the weights train on the 90 % of training rows that the architecture's held-out slice leaves
+    weight_rows = encoded.rows("train") - max(1, round(0.1 * encoded.rows("train")))
+    assert config.arch_data == "holdout:0.1"
+    steps = -(-weight_rows // config.batch_size)
     assert int(trained.weight_steps.numpy()) == steps == int(trained.arch_steps.numpy())  # arch_period 1
     assert int(initial.arch_steps.numpy()) == 0
     names = [v.path for v in trained.net.architecture_variables]
