@@ -36,7 +36,9 @@ def test_train_writes_the_documented_outputs(data, tmp_path):
     assert set(payload["arch"]) >= {"alpha", "beta"}
     assert set(payload["arch"]["alpha"]) == {"domain", "task"} and 0 < payload["arch"]["beta"]["task"] < 1
     assert payload["train_seconds"] > 0 and payload["train_examples_per_second"] > 0
-    steps = 2 * -(-payload["data"]["rows"]["train"] // 256)  # 2 epochs, batches of 256, no hold-out
+    rows = payload["data"]["rows"]["train"]
+    weight_rows = rows - round(0.1 * rows)  # the default arch data: 10 % of training held out for alpha / beta
+    steps = 2 * -(-weight_rows // 256)  # 2 epochs, batches of 256
     assert payload["steps"] == {"weight": steps, "architecture": steps} and payload["replicas"] == 1
     assert any((tmp_path / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
     for plot in ("auc_heatmap", "training_curves", "arch_trajectories", "gate_utilisation"):

@@ -53,7 +53,9 @@ def test_two_workers_finish_with_identical_weights(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 2 and metrics["config"]["distribute"] == "multiworker"
     # the gradients were all-reduced over both workers: 2 replicas in sync, and each step took
-    # one global batch of 256 (128 per worker), so an epoch is ceil(train rows / 256) steps
+    # one global batch of 256 (128 per worker), so an epoch is ceil(weight rows / 256) steps, the
+    # weight rows being the 90 % of training rows that the architecture's held-out slice leaves
     assert metrics["replicas"] == 2
     train_rows = metrics["data"]["rows"]["train"]
-    assert metrics["steps"]["weight"] == metrics["steps"]["architecture"] == 2 * -(-train_rows // 256)
+    weight_rows = train_rows - round(0.1 * train_rows)
+    assert metrics["steps"]["weight"] == metrics["steps"]["architecture"] == 2 * -(-weight_rows // 256)
