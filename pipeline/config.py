@@ -10,6 +10,7 @@ import yaml
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models import ModelConfig
 from mdmt_tf.spec import DatasetSpec
+from mdmt_tf.training.fit import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BEAM_ARGS = ("--direct_running_mode=in_memory", "--direct_num_workers=1")
@@ -57,6 +58,7 @@ class PipelineConfig:
         unknown = sorted(set(self.train) - set(TRAIN_KEYS))
         if unknown:
             raise ConfigError(f"pipeline config 'train' has unknown key(s) {unknown}; valid: {list(TRAIN_KEYS)}")
+        TrainConfig.from_dict(self.train)  # validates the values (types, ranges, choices)
         if self.data_format not in ("auto", "csv", "tfrecord"):
             raise ConfigError(f"data_format must be auto, csv or tfrecord, got {self.data_format!r}")
         if not 0 <= self.auc_floor < 1 or self.max_auc_drop < 0:

@@ -96,6 +96,11 @@ def _coerce(model: str, name: str, value: Any, hint: Any, choices: tuple | None)
             raise ConfigError(f"{where} must be an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads 1e-5, without a dot, as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where} must be a number")
         return float(value)

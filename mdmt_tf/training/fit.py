@@ -17,6 +17,7 @@ import dataclasses
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -171,10 +172,39 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        data = dict(data)
+        """From plain values (a YAML / JSON config): unknown keys and values of the wrong type
+        are ConfigErrors naming the setting; numbers written as strings (YAML 1.1 reads 1e-3
+        without a dot as one) are read as numbers."""
+        data = _typed(cls, dict(data), "train")
         data["task_weights"] = tuple(sorted((data.get("task_weights") or {}).items()))
-        data["mamdr"] = MAMDRConfig(**(data.get("mamdr") or {}))
+        data["mamdr"] = MAMDRConfig(**_typed(MAMDRConfig, dict(data.get("mamdr") or {}), "train.mamdr"))
         return cls(**data)
+
+
+def _typed(cls, values: dict, where: str) -> dict:
+    """values with its int / float settings of the dataclass `cls` checked and coerced."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {unknown}; valid: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
+    for name, value in values.items():
+        hint = hints[name]
+        if hint not in (int, float) or value is None:
+            continue
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, float) and hint is int and number.is_integer():
+            number = int(number)
+        wrong = isinstance(number, bool) or not isinstance(number, (int, float))
+        if wrong or (hint is int and isinstance(number, float)):
+            raise ConfigError(f"{where}.{name}={value!r} must be {'an integer' if hint is int else 'a number'}")
+        values[name] = hint(number)
+    return values
 
 
 @dataclasses.dataclass

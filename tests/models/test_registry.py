@@ -26,6 +26,7 @@ def test_unknown_model_lists_the_valid_ones(encoded):
     ({"aftb_domains": True}, "needs gating='aftb'"),
     ({"dropout": 1.5}, "dropout must be in [0, 1)"),
     ({"gate_stop_gradient": "yes"}, "true or false"),
+    ({"embedding_l2": "small"}, "embedding_l2='small' must be a number"),
 ])
 def test_invalid_hyper_parameters_are_named(params, fragment):
     with pytest.raises(ConfigError) as err:
@@ -42,6 +43,16 @@ def test_presets_and_other_models_validate():
     with pytest.raises(ConfigError, match="task_embedding_fields"):
         build_model("stem", FeatureSchema(domain="d", domains=["a"], tasks=["y"], sparse=[["u", 3]]),
                     {"task_embedding_fields": ["nope"]})
+
+
+def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML, hence --param and --hparams files) reads 1e-5 as a string."""
+    import yaml
+
+    assert yaml.safe_load("1e-5") == "1e-5"
+    assert ModelConfig("m3oe", {"embedding_l2": "1e-5"}).resolved_params()["embedding_l2"] == 1e-5
+    (tmp_path / "m.yaml").write_text("name: mmoe\nparams:\n  embedding_l2: 2e-6\n")
+    assert ModelConfig.from_file(tmp_path / "m.yaml").resolved_params()["embedding_l2"] == 2e-6
 
 
 def test_model_config_files(tmp_path):

@@ -195,6 +195,20 @@ def test_a_bfloat16_export_of_domain_regularized_weights(data, tmp_path):
     assert deltas and set(deltas.values()) == {"bfloat16"}
 
 
+def test_config_values_from_yaml_are_typed():
+    """A YAML config may hold 1e-3 as a string (YAML 1.1 needs a dot); a value of the wrong type
+    is a ConfigError naming the setting, not a TypeError from a comparison."""
+    config = TrainConfig.from_dict({"learning_rate": "1e-3", "epochs": 3.0, "mamdr": {"inner_lr": "2e-2"}})
+    assert config.learning_rate == 1e-3 and config.epochs == 3 and config.mamdr.inner_lr == 0.02
+    for bad, message in (({"learning_rate": "fast"}, "train.learning_rate='fast' must be a number"),
+                         ({"epochs": 2.5}, "train.epochs=2.5 must be an integer"),
+                         ({"mamdr": {"k": "two"}}, "train.mamdr.k='two' must be an integer"),
+                         ({"epoch": 3}, "train: unknown setting(s) ['epoch']")):
+        with pytest.raises(ConfigError) as err:
+            TrainConfig.from_dict(bad)
+        assert message in str(err.value)
+
+
 def test_an_unknown_serving_precision_is_a_config_error():
     with pytest.raises(ConfigError, match="serving precision must be one of"):
         TrainConfig(serving_precision="float16")
