@@ -39,14 +39,16 @@ def _units(hp, name: str, choices: list[str]) -> str:
 def _common(hp) -> None:
     hp.Choice("embedding_dim", [8, 16, 32])
     hp.Choice("embedding_l2", [0.0, 1e-6, 1e-5])
+    hp.Choice("oov_rate", [0.0, 0.05, 0.1])  # cold start: how often training rows see the OOV ids
 
 
 def _m3oe(hp) -> None:
     _common(hp)
     hp.Choice("num_shared_experts", [2, 4, 8])
-    _units(hp, "expert_units", ["256,64", "128,32", "512,64"])
+    _units(hp, "expert_units", ["64", "128", "256,64"])  # on the 256-wide bottom; the authors': 64
     _units(hp, "tower_units", ["64", "32"])
     hp.Choice("arch_granularity", ["scalar", "vector"])
+    hp.Choice("dropout", [0.0, 0.1])
 
 
 def _m3oe_family(hp) -> None:
