@@ -144,7 +144,9 @@ def _save(fig, path: Path) -> Path:
 def compare_bars(report: dict, path: Path) -> Path:
     """Mean AUC +- std per (domain, task) pair, one bar per model."""
     pairs = [f"{d}/{t}" for d in report["domains"] for t in report["tasks"]] + ["mean_auc"]
-    models = sorted(report["table"], key=lambda m: -(report["table"][m]["mean_auc"][0] or 0))
+    from mdmt_tf.report.tables import ranked
+
+    models = ranked(report)
     width = 0.8 / max(len(models), 1)
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(pairs) * max(1, len(models) / 4)), 4.5))
     low = 1.0

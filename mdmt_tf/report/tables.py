@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 
 def _cell(value) -> str:
     if isinstance(value, float):
@@ -59,3 +61,13 @@ def auc_table(result: dict, domains, tasks, title: str = "AUC") -> str:
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def ranked(report: dict) -> list[str]:
+    """The models of a comparison report (mdmt_tf.training.compare) by mean test AUC, best
+    first; a model whose mean AUC is NaN (non-finite predictions) or None ranks last."""
+    def key(model):
+        mean = report["table"][model]["mean_auc"][0]
+        return -mean if mean is not None and np.isfinite(mean) else np.inf
+
+    return sorted(report["table"], key=key)

@@ -130,7 +130,9 @@ def markdown(report: dict) -> str:
     domains, tasks = report["domains"], report["tasks"]
     pairs = [f"{d}/{t}" for d in domains for t in tasks]
     headers = ["model"] + pairs + ["mean AUC", "mean logloss"]
-    order = sorted(report["table"], key=lambda m: -(report["table"][m]["mean_auc"][0] or 0))
+    from mdmt_tf.report.tables import ranked
+
+    order = ranked(report)
     rows = [[m] + [_cell(report["table"][m][p]) for p in pairs]
             + [_cell(report["table"][m]["mean_auc"]), _cell(report["table"][m]["mean_logloss"])] for m in order]
     lines = [f"Test AUC, mean ± std over {report['seeds']} seed(s); data: {report['data']}; rows "

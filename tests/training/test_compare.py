@@ -41,3 +41,11 @@ def test_compare_two_models_two_seeds(data, tmp_path):
         assert (tmp_path / name).stat().st_size > 100
     assert set(report["relative_feedback"]["groups"]) == {"A-overwhelming", "comparable", "B-overwhelming"}
     assert "± " in (tmp_path / "compare.md").read_text()
+
+
+def test_a_model_with_nan_auc_ranks_last():
+    from mdmt_tf.report.tables import ranked
+
+    report = {"table": {"a": {"mean_auc": (0.70, 0.0)}, "nan": {"mean_auc": (float("nan"), float("nan"))},
+                        "b": {"mean_auc": (0.75, 0.01)}, "none": {"mean_auc": (None, None)}}}
+    assert ranked(report)[:2] == ["b", "a"] and set(ranked(report)[2:]) == {"nan", "none"}
