@@ -43,6 +43,14 @@ def cold_start_shares(data: MDMTData) -> dict[str, float]:
     return {name: float((~test[name].isin(set(train[name]))).mean()) for name in data.spec.sparse}
 
 
+def cold_start_field(data: MDMTData, min_share: float = 0.05) -> str | None:
+    """The sparse field with the largest share of test rows whose value never appears in
+    training (a temporal split's new users, say), if that share is at least `min_share`."""
+    shares = cold_start_shares(data)
+    field = max(shares, key=shares.get, default=None)
+    return field if field is not None and shares[field] >= min_share else None
+
+
 def _summary(values: list) -> tuple[float | None, float | None]:
     values = [v for v in values if v is not None]
     if not values:
@@ -88,6 +96,11 @@ class Comparison:
                   "train_seconds": {m: float(np.mean(v)) for m, v in timing.items()}}
         if "mlp" in predictions and len(tasks) >= 2:
             report["relative_feedback"] = self._relative_feedback(predictions, labels, tasks)
+        field = cold_start_field(data)
+        if field is not None:
+            unseen = (~test[field].isin(set(data.splits.train[field]))).to_numpy()
+            report["cold_start_auc"] = self._cold_start_auc(predictions, labels, test_domain, domains, tasks, field,
+                                                            unseen)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "compare.json").write_text(json.dumps(report, indent=1))
         write_outputs(report, self.out)
@@ -105,6 +118,18 @@ class Comparison:
             row["mean_logloss"] = _summary([r["mean_logloss"] for r in runs])
             table[name] = row
         return table
+
+    @staticmethod
+    def _cold_start_auc(predictions: dict, labels: dict, domain, domains, tasks, field: str, unseen) -> dict:
+        """Mean AUC over (domain, task) pairs on the test rows whose `field` was seen in
+        training and on those whose was not, per model (mean, std over seeds)."""
+        out = {"field": field, "rows": {"seen": int((~unseen).sum()), "unseen": int(unseen.sum())}, "auc": {}}
+        for name, runs in predictions.items():
+            out["auc"][name] = {
+                part: _summary([evaluate({t: p[t][rows] for t in tasks}, {t: labels[t][rows] for t in tasks},
+                                         domain[rows], domains, tasks)["mean_auc"] for p in runs])
+                for part, rows in (("seen", ~unseen), ("unseen", unseen))}
+        return out
 
     @staticmethod
     def _relative_feedback(predictions: dict, labels: dict, tasks) -> dict:
@@ -125,13 +150,11 @@ def _cell(summary) -> str:
 
 
 def markdown(report: dict) -> str:
-    from mdmt_tf.report.tables import markdown_table
+    from mdmt_tf.report.tables import markdown_table, ranked
 
     domains, tasks = report["domains"], report["tasks"]
     pairs = [f"{d}/{t}" for d in domains for t in tasks]
     headers = ["model"] + pairs + ["mean AUC", "mean logloss"]
-    from mdmt_tf.report.tables import ranked
-
     order = ranked(report)
     rows = [[m] + [_cell(report["table"][m][p]) for p in pairs]
             + [_cell(report["table"][m]["mean_auc"]), _cell(report["table"][m]["mean_logloss"])] for m in order]
@@ -149,6 +172,14 @@ def markdown(report: dict) -> str:
         lines += ["", f"AUC by relative feedback (STEM; A = {rf['task_a']}, B = {rf['task_b']}; groups from the "
                       f"single-task MLP's predictions, 10 buckets, |gap| >= 3; sizes {sizes})", "",
                   markdown_table(headers, rows)]
+    if "cold_start_auc" in report:
+        cs = report["cold_start_auc"]
+        rows = [[m, _cell(report["table"][m]["mean_auc"]), _cell(cs["auc"][m]["seen"]), _cell(cs["auc"][m]["unseen"])]
+                for m in order if m in cs["auc"]]
+        lines += ["", f"Mean AUC over the (domain, task) pairs on test rows whose {cs['field']} was seen in training "
+                      f"({cs['rows']['seen']} rows) and never seen ({cs['rows']['unseen']} rows); a model can score "
+                      "below both parts on all rows when its scores for the two groups are not on one scale", "",
+                  markdown_table(["model", "all rows", f"{cs['field']} seen", f"{cs['field']} new"], rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -49,3 +49,25 @@ def test_a_model_with_nan_auc_ranks_last():
     report = {"table": {"a": {"mean_auc": (0.70, 0.0)}, "nan": {"mean_auc": (float("nan"), float("nan"))},
                         "b": {"mean_auc": (0.75, 0.01)}, "none": {"mean_auc": (None, None)}}}
     assert ranked(report)[:2] == ["b", "a"] and set(ranked(report)[2:]) == {"nan", "none"}
+
+
+def test_cold_start_auc_splits_the_test_rows_by_a_field_seen_in_training(data):
+    """With most test users new (a temporal split), the report gives each model's mean AUC on
+    the rows of users seen in training and of new users; here popularity's, recomputed."""
+    from mdmt_tf.training.compare import Comparison, cold_start_field
+
+    assert cold_start_field(data) is None  # the seeded random split: (almost) every id seen
+    test = data.splits.test
+    domains, tasks = data.vocab.domains, list(data.spec.tasks)
+    domain = test["domain_id"].map({d: i for i, d in enumerate(domains)}).to_numpy()
+    labels = {t: test[t].to_numpy() for t in tasks}
+    unseen = np.zeros(len(test), bool)
+    unseen[::3] = True  # as if a third of the test users were new
+    pop = popularity_predictions(data)
+    out = Comparison._cold_start_auc({"popularity": [pop]}, labels, domain, domains, tasks, "user_id", unseen)
+    assert out["rows"] == {"seen": int((~unseen).sum()), "unseen": int(unseen.sum())}
+    for part, rows in (("seen", ~unseen), ("unseen", unseen)):
+        values = [auc(labels[t][rows & (domain == d)], pop[t][rows & (domain == d)])
+                  for d in range(len(domains)) for t in tasks]
+        expected = np.mean([v for v in values if v is not None])  # one-class pairs are left out
+        assert out["auc"]["popularity"][part][0] == pytest.approx(expected)
