@@ -20,7 +20,8 @@ TARGET_SECONDS, TARGET_GIB = 300, 4.0
 def run(rows: int = 100_000, model: str = "m3oe", epochs: int | None = None, root: str | None = None,
         keep: bool = False) -> dict:
     from mdmt_tf.report.tables import markdown_table
-    from pipeline.results import component_seconds, store_for
+
+    from .results import component_seconds, store_for
 
     work = Path(root or tempfile.mkdtemp(prefix="mdmt-bench-pipeline-"))
     command = [sys.executable, "-m", "mdmt_tf", "pipeline", "run", "--root", str(work),
@@ -38,7 +39,8 @@ def run(rows: int = 100_000, model: str = "m3oe", epochs: int | None = None, roo
     times = component_seconds(store_for(str(work / "metadata.sqlite")))
     rows_out = [[name.rsplit(".", 1)[-1], f"{s:.1f}"] for name, s in times.items()]
     print(markdown_table(["component", "seconds"], rows_out))
-    print(f"whole run: {seconds:.0f} s (target <= {TARGET_SECONDS} s: {'met' if seconds <= TARGET_SECONDS else 'MISSED'}); "
+    met = "met" if seconds <= TARGET_SECONDS else "MISSED"
+    print(f"whole run: {seconds:.0f} s (target <= {TARGET_SECONDS} s: {met}); "
           f"peak RSS {peak_gib:.2f} GiB (target <= {TARGET_GIB} GiB: {'met' if peak_gib <= TARGET_GIB else 'MISSED'}); "
           f"{rows:,} rows, model {model}")
     summary_lines = [line for line in proc.stdout.splitlines() if line.startswith("|") or "blessed" in line]

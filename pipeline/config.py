@@ -10,7 +10,7 @@ import yaml
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models import ModelConfig
 from mdmt_tf.spec import DatasetSpec
-from mdmt_tf.training.fit import TrainConfig
+from mdmt_tf.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BEAM_ARGS = ("--direct_running_mode=in_memory", "--direct_num_workers=1")

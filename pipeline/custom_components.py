@@ -19,7 +19,8 @@ def SchemaCurator(schema: tfx.dsl.components.InputArtifact[Schema],
     import tensorflow_data_validation as tfdv
 
     from mdmt_tf.spec import DatasetSpec
-    from pipeline.schema_rules import curate
+
+    from .schema_rules import curate
 
     inferred = tfdv.load_schema_text(os.path.join(schema.uri, SCHEMA_FILE))
     curated = curate(inferred, DatasetSpec.from_dict(json.loads(spec)))
@@ -31,7 +32,7 @@ def AnomalyGate(anomalies: tfx.dsl.components.InputArtifact[ExampleAnomalies]) -
     """Fail the run when ExampleValidator found anomalies, naming split, feature and problem."""
     from absl import logging
 
-    from pipeline.schema_rules import DataAnomaliesError, anomaly_messages
+    from .schema_rules import DataAnomaliesError, anomaly_messages
 
     messages = anomaly_messages(anomalies.uri)
     if messages:

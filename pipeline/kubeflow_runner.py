@@ -13,8 +13,8 @@ import dataclasses
 import os
 from pathlib import Path
 
-from pipeline.config import PipelineConfig
-from pipeline.pipeline import create_pipeline
+from .config import PipelineConfig
+from .pipeline import create_pipeline
 
 IMAGE_MODULE_FILE = "/opt/mdmt_tf/components/module.py"
 

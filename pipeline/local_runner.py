@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import PipelineConfig
-from pipeline.pipeline import create_pipeline
+from .config import PipelineConfig
+from .pipeline import create_pipeline
 
 
 def run(config: PipelineConfig, beam_args: list[str] | None = None):
@@ -15,8 +15,8 @@ def run(config: PipelineConfig, beam_args: list[str] | None = None):
     from absl import logging
     from tfx import v1 as tfx
 
-    from pipeline.preflight import check_csv_inputs
-    from pipeline.results import summarize
+    from .preflight import check_csv_inputs
+    from .results import summarize
 
     check_csv_inputs(config)
     logging.set_verbosity(logging.INFO)

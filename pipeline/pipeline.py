@@ -12,8 +12,8 @@ from pathlib import Path
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
-from pipeline.config import PipelineConfig
-from pipeline.custom_components import AnomalyGate, SchemaCurator
+from .config import PipelineConfig
+from .custom_components import AnomalyGate, SchemaCurator
 
 SPLITS = {"train": ("train",), "eval": ("val", "eval"), "test": ("test",)}
 

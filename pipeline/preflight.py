@@ -14,7 +14,8 @@ import gzip
 from pathlib import Path
 
 from mdmt_tf.errors import DataError
-from pipeline.config import PipelineConfig
+
+from .config import PipelineConfig
 
 
 def csv_files(config: PipelineConfig) -> list[Path]:

@@ -50,7 +50,7 @@ mods = {"tensorflow": "tensorflow", "keras": "keras", "tfx": "tfx", "ml_metadata
         "tensorflow_data_validation": "tensorflow-data-validation",
         "tensorflow_transform": "tensorflow-transform",
         "tensorflow_model_analysis": "tensorflow-model-analysis", "apache_beam": "apache-beam",
-        "keras_tuner": "keras-tuner", "keras_rs": "keras-rs", "tensorboard": "tensorboard",
+        "keras_tuner": "keras-tuner", "tensorboard": "tensorboard",
         "tensorflow_serving": "tensorflow-serving-api", "kfp": "kfp"}
 for name, dist in mods.items():
     try:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from mdmt_tf._project import project_module
+
 
 def cmd_bench_train(args) -> int:
     from mdmt_tf.bench.train import CONFIGS, main
@@ -33,7 +35,7 @@ def _add_pipeline_bench(kinds) -> None:
 
 
 def _run_pipeline_bench(args) -> int:
-    from pipeline.bench import run  # needs TFX: imported only here
+    run = project_module("pipeline.bench").run  # needs TFX: imported only here
 
     result = run(rows=args.rows, model=args.model, epochs=args.epochs, root=args.root)
     if args.json:

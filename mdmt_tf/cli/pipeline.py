@@ -7,6 +7,7 @@ from pathlib import Path
 
 import yaml
 
+from mdmt_tf._project import project_module
 from mdmt_tf.errors import ConfigError, DataError, MdmtError
 
 
@@ -42,7 +43,7 @@ def prepare_data(source: str, root: Path, spec_path: str | None) -> tuple[str, d
 
 
 def build_config(args, for_cluster: bool = False):
-    from pipeline.config import PipelineConfig
+    PipelineConfig = project_module("pipeline.config").PipelineConfig
 
     root = Path(args.root)
     base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
@@ -87,10 +88,11 @@ def _fmt(value) -> str:
 
 def cmd_run(args) -> int:
     if args.runner != "local":
-        raise ConfigError("`mdmt pipeline run` runs locally; for Kubeflow use `mdmt pipeline compile --runner kubeflow`")
+        raise ConfigError("`mdmt pipeline run` runs locally; for Kubeflow use "
+                          "`mdmt pipeline compile --runner kubeflow`")
     config = build_config(args)
-    from pipeline.local_runner import run
-    from pipeline.schema_rules import DataAnomaliesError
+    run = project_module("pipeline.local_runner").run
+    DataAnomaliesError = project_module("pipeline.schema_rules").DataAnomaliesError
 
     try:
         summary = run(config, beam_args=args.beam_arg)
@@ -121,7 +123,7 @@ def cmd_compile(args) -> int:
     if args.runner != "kubeflow":
         raise ConfigError("only `--runner kubeflow` compiles; `mdmt pipeline run --runner local` runs locally")
     config = build_config(args, for_cluster=True)
-    from pipeline.kubeflow_runner import compile_pipeline
+    compile_pipeline = project_module("pipeline.kubeflow_runner").compile_pipeline
 
     path = compile_pipeline(config, args.out, image=args.image)
     print(f"wrote the KFP v2 pipeline spec {path} (image {args.image or config.kubeflow_image})")

@@ -1,9 +1,10 @@
 """A PyTorch M3oE of the same sizes as mdmt_tf's, to time both frameworks back to back.
 
-Not part of the library and not imported by it: run it with a Python that has torch
+Not part of the library (it lives under scripts/, which `pip install .` does not install)
+and imports nothing of it: run it from the checkout with any Python that has torch
 (`pip install torch==2.13.0`, CPU build), e.g.
 
-    python -m mdmt_tf.bench.torch_reference --precision bfloat16 --threads 2
+    python scripts/bench/torch_reference.py --precision bfloat16 --threads 2
 
 Written for this benchmark from the M3oE paper and mdmt_tf's own model (it is not the
 authors' code): the same network as `mdmt_tf.models.M3oE` with its default sizes on the
