@@ -5,11 +5,15 @@
     probs = client.predict_examples(serialized_examples)           # {task: np.ndarray}
     probs = client.predict_raw({"domain_id": ["0"], "user_id": ["u7"], ..., "age": [0.3]})
     client.status(); client.metadata()
+    info = client.model_info()   # ModelInfo: domain column, domain values, tasks, features
 
 Both protocols return the same thing: outputs as float32 arrays, status and metadata as
 the JSON documents TF Serving's REST API returns (gRPC answers are converted to them).
 Input dtypes come from the model's metadata (fetched once), so `predict_raw` accepts
-plain Python values: ids become strings, numbers float32.
+plain Python values: ids become strings, numbers float32. `model_info` calls the model's
+`model_info` signature through ordinary Predict (mdmt_tf/export/savedmodel.py), so it
+works against TF Serving and the stand-in alike; a model exported without that signature
+raises ModelInfoUnavailable (a ConfigError saying what to do).
 
 Failures raise ServingError with the HTTP status or gRPC code and the server's own
 message. Only failures to reach the server (connection errors, HTTP 502/503/504, gRPC
@@ -18,6 +22,7 @@ INVALID_ARGUMENT would fail the same way again.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Mapping, Sequence
@@ -25,12 +30,57 @@ from urllib.parse import quote
 
 import numpy as np
 
-from serving import rest_codec
-from serving.errors import ServingError
+from . import codec
+from .errors import ModelInfoUnavailable, ServingError
 
 PROTOCOLS = ("rest", "grpc")
 REST_FORMATS = ("columnar", "row")
 GRPC_MESSAGE_LIMIT = 256 << 20
+MODEL_INFO = "model_info"          # the signature (mdmt_tf.export.savedmodel.MODEL_INFO)
+MODEL_INFO_VERSIONS = (1,)         # the info_version values this client reads
+FEATURE_KINDS = ("domain", "sparse", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What a served model's `model_info` signature says about it.
+
+    domain: the domain column; domains: its values in the model's order (domain index i is
+    domains[i]); tasks: the model's outputs, in the spec's order; features: name -> TF
+    dtype name ("string", "float32", "int64"...), in the order of predict_raw's inputs;
+    kinds: name -> "domain", "sparse" or "dense".
+    """
+
+    domain: str
+    domains: tuple[str, ...]
+    tasks: tuple[str, ...]
+    features: dict[str, str]
+    kinds: dict[str, str]
+
+    @property
+    def sparse(self) -> tuple[str, ...]:
+        return tuple(n for n, k in self.kinds.items() if k == "sparse")
+
+    @property
+    def dense(self) -> tuple[str, ...]:
+        return tuple(n for n, k in self.kinds.items() if k == "dense")
+
+    @classmethod
+    def from_outputs(cls, values: Mapping) -> "ModelInfo":
+        """From the signature's outputs: {name: value}, strings as text, bytes or {"b64": ...}."""
+        def texts(name):
+            value = values[name]
+            return [codec.decode_string(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+        version = int(np.asarray(values["info_version"]).reshape(-1)[0])
+        if version not in MODEL_INFO_VERSIONS:
+            raise ValueError(f"model_info version {version} is newer than this client reads {MODEL_INFO_VERSIONS}; "
+                             "update the client")
+        names, dtypes, kinds = texts("feature_names"), texts("feature_dtypes"), texts("feature_kinds")
+        if not len(names) == len(dtypes) == len(kinds) or not set(kinds) <= set(FEATURE_KINDS):
+            raise ValueError(f"inconsistent model_info features: {names}, {dtypes}, {kinds}")
+        return cls(domain=texts("domain")[0], domains=tuple(texts("domains")), tasks=tuple(texts("tasks")),
+                   features=dict(zip(names, dtypes)), kinds=dict(zip(names, kinds)))
 
 
 def _json_dict(message) -> dict:
@@ -92,10 +142,11 @@ class _Rest:
             raise ServingError("rest", reply.status_code, str(message), self.base)
         return doc
 
-    def predict(self, signature: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict:
+    def predict(self, signature: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str],
+                columnar: bool = False) -> dict:
         """The response document (decoded by the caller, who knows the output names)."""
-        columns = {n: rest_codec.encode_column(a, dtypes.get(n) == "DT_STRING") for n, a in inputs.items()}
-        if self.row_format:
+        columns = {n: codec.encode_column(a, dtypes.get(n) == "DT_STRING") for n, a in inputs.items()}
+        if self.row_format and not columnar:
             count = len(next(iter(columns.values()))) if columns else 0
             if len(columns) == 1:  # one-input signature: a plain list of values
                 instances = next(iter(columns.values()))
@@ -150,8 +201,9 @@ class _Grpc:
         if signature is not None:
             spec.signature_name = signature
 
-    def predict(self, signature: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str]) -> dict:
-        """{output: array}."""
+    def predict(self, signature: str, inputs: dict[str, np.ndarray], dtypes: dict[str, str],
+                columnar: bool = False) -> dict:
+        """{output: array} (`columnar` is for the REST transport; gRPC has one format)."""
         import tensorflow as tf
         from tensorflow_serving.apis import predict_pb2
 
@@ -251,7 +303,29 @@ class ServingClient:
         answer = self._retrying(self._transport.predict, signature, arrays, dtypes)
         if self.protocol == "grpc":
             return answer
-        return rest_codec.decode_outputs(answer, sorted(self.signature_def(signature)["outputs"]))
+        return codec.decode_outputs(answer, sorted(self.signature_def(signature)["outputs"]))
+
+    def model_info(self) -> ModelInfo:
+        """The served model's ModelInfo, from its `model_info` signature (one Predict call)."""
+        if self._signature_defs is None:
+            self._signature_defs = self.metadata()["metadata"]["signature_def"]["signature_def"]
+        if MODEL_INFO not in self._signature_defs:
+            raise ModelInfoUnavailable(
+                f"model {self.model_name!r} at {self.target} has no '{MODEL_INFO}' signature: it was exported before "
+                "mdmt_tf added one (or not by mdmt_tf). Export it again with this version (mdmt train, or the "
+                "pipeline's Trainer) and publish it, or pass the spec yourself (mdmt predict --spec; an mdmt_tf "
+                "model carries it as assets.extra/spec.yaml)")
+        answer = self._retrying(self._transport.predict, MODEL_INFO, {"request": np.zeros((), np.int32)},
+                                {"request": "DT_INT32"}, True)
+        if self.protocol == "rest":
+            answer = codec.output_values(answer, sorted(self._signature_defs[MODEL_INFO]["outputs"]))
+        else:
+            answer = {name: value.tolist() for name, value in answer.items()}
+        try:
+            return ModelInfo.from_outputs(answer)
+        except (KeyError, IndexError, ValueError, UnicodeDecodeError) as err:
+            raise ModelInfoUnavailable(f"model {self.model_name!r} at {self.target} answered '{MODEL_INFO}' with "
+                                       f"something this client cannot read ({type(err).__name__}: {err})") from None
 
     def predict_examples(self, examples: Sequence[bytes]) -> dict[str, np.ndarray]:
         """Serialized tf.train.Examples through `signature` (default serving_default)."""

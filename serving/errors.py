@@ -1,7 +1,7 @@
 """The client's one error type: what the server (or the network) said, unaltered."""
 from __future__ import annotations
 
-from mdmt_tf.errors import MdmtError
+from mdmt_tf.errors import ConfigError, MdmtError
 
 # failures worth retrying: the server was not reachable or said it is unavailable;
 # anything else (a 4xx, INVALID_ARGUMENT, NOT_FOUND...) fails the same way every time
@@ -28,3 +28,8 @@ class ServingError(MdmtError):
         if self.protocol == "rest":
             return self.code == "UNAVAILABLE" or self.code in RETRYABLE_HTTP
         return self.code in RETRYABLE_GRPC
+
+
+class ModelInfoUnavailable(ConfigError):
+    """The served model has no readable `model_info` signature (exported before it existed,
+    or not by mdmt_tf); the message says what to do instead."""

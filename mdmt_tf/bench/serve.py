@@ -4,7 +4,7 @@ Measures the `serving_default` signature (serialized tf.Examples in, one probabi
 task out) of a SavedModel:
   * in-process (the loaded signature called directly): examples/s at batch 1024 and
     p50 / p99 latency at batch 1 and 64. Targets: >= 50k examples/s, p50 <= 5 ms at batch 1.
-  * through the local development server (serving.local_server, started in this process
+  * through the local development server (serving.devserver, started in this process
     on free loopback ports) over REST and gRPC with serving.client: the same figures,
     which add serialization, HTTP/gRPC and Python request handling.
 Without --model-dir it first trains a model for one epoch on the synthetic data (a
@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mdmt_tf._project import project_module
+
 TARGETS = {"throughput_1024": 50_000.0, "p50_ms_1": 5.0}
 LATENCY_BATCHES = (1, 64)
 THROUGHPUT_BATCH = 1024
@@ -28,7 +30,8 @@ def _train_default(out: Path, model: str, rows: int, serving_precision: str = "f
     from mdmt_tf.data.dataset import MDMTData
     from mdmt_tf.data.sources import load_source
     from mdmt_tf.models import ModelConfig
-    from mdmt_tf.training.fit import TrainConfig, train
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.fit import train
 
     print(f"[bench] training {model} for 1 epoch on synthetic:{rows} to get a SavedModel "
           f"({serving_precision}) ...", flush=True)
@@ -86,8 +89,9 @@ def _in_process_call(model_dir: Path):
 
 def _through_server(model_dir: Path, examples: list[bytes], requests: int, trials: int) -> dict:
     from mdmt_tf.export.savedmodel import publish_version
-    from serving.client import ServingClient
-    from serving.local_server import LocalServer, ServerOptions
+    ServingClient = project_module("serving.client").ServingClient
+    devserver = project_module("serving.devserver.server")
+    LocalServer, ServerOptions = devserver.LocalServer, devserver.ServerOptions
 
     results = {}
     with tempfile.TemporaryDirectory(prefix="mdmt-bench-serve-") as base:

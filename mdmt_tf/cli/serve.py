@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mdmt_tf._project import project_module
 from mdmt_tf.errors import ConfigError
 
 STAND_IN_HELP = ("run the DEVELOPMENT STAND-IN for tensorflow_model_server (TF Serving's REST + gRPC API) on a "
@@ -30,10 +31,10 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from serving.local_server import configure_logging, options_from_args, serve_forever
+    devserver = project_module("serving.devserver.server")
 
-    configure_logging(args.log_level)
-    return serve_forever(options_from_args(args))
+    devserver.configure_logging(args.log_level)
+    return devserver.serve_forever(devserver.options_from_args(args))
 
 
 def _spec(path: str | None):
@@ -47,7 +48,7 @@ def _spec(path: str | None):
 
 
 def cmd_predict(args) -> int:
-    from serving import scoring
+    scoring = project_module("serving.scoring")
 
     if (args.server is None) == (args.model_dir is None):
         raise ConfigError("give exactly one of --server URL (a running model server) or --model-dir DIR (a SavedModel)")
@@ -55,8 +56,9 @@ def cmd_predict(args) -> int:
         raise ConfigError(f"--batch-rows must be >= 1, got {args.batch_rows}")
     spec = _spec(args.spec)
     if args.server is not None:
-        from serving.client import ServingClient
+        ServingClient = project_module("serving.client").ServingClient
 
+        # without --spec, the spec comes from the model's model_info signature (ServingClient.model_info)
         with ServingClient(args.server, model_name=args.model_name, protocol=args.protocol,
                            timeout=args.timeout) as client:
             spec, predictions = scoring.score_with_server(client, args.data, spec, batch_rows=args.batch_rows)
@@ -71,7 +73,7 @@ def cmd_predict(args) -> int:
 
 
 def add_parsers(verbs) -> None:
-    from serving.local_server import add_server_arguments
+    add_server_arguments = project_module("serving.devserver.server").add_server_arguments
 
     p = verbs.add_parser("serve", help=STAND_IN_HELP, description=STAND_IN_HELP + ".",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -96,7 +98,8 @@ def add_parsers(verbs) -> None:
     p.set_defaults(func=cmd_predict)
 
     p = verbs.add_parser("export", help="publish a SavedModel as the next numbered version of a TF Serving base path "
-                                        "(atomically: a polling server never sees it half-written)")
+                                        "(atomically: a polling server never sees it half-written, and concurrent "
+                                        "exports into one base path each get their own version)")
     p.add_argument("--model-dir", required=True, help="a SavedModel written by mdmt train (RUN/model)")
     p.add_argument("--base-path", required=True, help="the model's base path, e.g. models/mdmt")
     p.add_argument("--version", type=int, default=None, help="version number (default: the next one)")

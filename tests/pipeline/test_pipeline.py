@@ -100,7 +100,7 @@ def test_every_component_runs_once_and_a_model_is_pushed(first_run, pipeline_dat
 
     loaded = tf.saved_model.load(str(versions[0]))
     meta = json.loads((versions[0] / "assets.extra" / "mdmt.json").read_text())
-    assert set(loaded.signatures) == {"serving_default", "predict_raw", "transform_features"}
+    assert set(loaded.signatures) == {"serving_default", "predict_raw", "transform_features", "model_info"}
     examples = _examples(pipeline_data[0] / "test.csv", meta["raw_types"])
     out = loaded.signatures["serving_default"](examples=tf.constant(examples))
     for task in ("click", "like"):
@@ -116,6 +116,29 @@ def test_every_component_runs_once_and_a_model_is_pushed(first_run, pipeline_dat
     transformed = loaded.signatures["transform_features"](examples=tf.constant([e.SerializeToString() for e in raw]))
     assert {"user_id", "domain_id", "age", "click"} <= set(transformed)
     assert transformed["user_id"].dtype == tf.int64 and transformed["age"].dtype == tf.float32
+
+
+def test_mdmt_evaluate_and_predict_score_the_pushed_model(first_run, pipeline_data, tmp_path, capsys):
+    """The pipeline's model reads its numeric-looking ids (the domain) as int64: `mdmt evaluate`
+    and `mdmt predict --model-dir` score it through the same path as a `mdmt train` model
+    (evaluate used to send strings and stop with a traceback), and evaluate's test AUC is the
+    Evaluator's."""
+    from mdmt_tf.cli import main
+
+    config, summary = first_run
+    pushed = _versions(config)[-1]
+    assert json.loads((pushed / "assets.extra" / "mdmt.json").read_text())["raw_types"]["domain_id"] == "int64"
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--model-dir", str(pushed), "--data", f"csv:{pipeline_data[0]}", "--out", str(out)]) == 0
+    ours = json.loads(out.read_text())["test"]["auc"]
+    for pair, value in summary.auc.items():
+        if "/" in pair and pair in ours:
+            assert ours[pair] == pytest.approx(value, abs=2e-3), pair
+    predictions = tmp_path / "pred.csv"
+    assert main(["predict", "--model-dir", str(pushed), "--data", str(pipeline_data[0] / "test.csv"),
+                 "--out", str(predictions)]) == 0
+    scored = pd.read_csv(predictions)
+    assert len(scored) == len(pd.read_csv(pipeline_data[0] / "test.csv")) and set(scored) == {"click", "like"}
 
 
 def test_the_trainer_uses_the_tuners_best_hyperparameters(first_run):

@@ -120,7 +120,7 @@ class ServerProcess:
         self.kind, self.base_path, self.name = kind, base_path, name
         self.rest_port, self.grpc_port = free_port(), free_port()
         if kind == "local":
-            command = [sys.executable, "-m", "serving.local_server", "--model-base-path", str(base_path),
+            command = [sys.executable, "-m", "serving.devserver", "--model-base-path", str(base_path),
                        "--model-name", name, "--rest-port", str(self.rest_port), "--grpc-port", str(self.grpc_port),
                        "--poll-seconds", "0.5", *extra]
         else:
@@ -159,7 +159,7 @@ class ServerProcess:
                     return
                 except ServingError:
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"{self.kind} server not ready after {timeout} s: {self.output()}")
+                        raise RuntimeError(f"{self.kind} server not ready after {timeout} s: {self.output()}") from None
 
     def wait_for_version(self, version: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -209,15 +209,19 @@ def server(request, models, tmp_path_factory):
     process.stop()
 
 
+LOCAL_MAX_ROWS, LOCAL_BATCH_ROWS = 100, 16  # the local_server fixture's --max-request-rows, --score-batch-rows
+
+
 @pytest.fixture(scope="session")
 def local_server(models, tmp_path_factory):
-    """The dev server with version 1 and a small --max-request-bytes, for its own behaviour."""
+    """The dev server with version 1 and small request caps, for its own behaviour."""
     from mdmt_tf.export.savedmodel import publish_version
 
     root = tmp_path_factory.mktemp("serve-local")
     publish_version(models[1], root / "mdmt")
     process = ServerProcess("local", root / "mdmt", root / "server.log",
-                            extra=["--max-request-bytes", str(256 << 10), "--version-label", "stable=1",
+                            extra=["--max-request-bytes", str(256 << 10), "--max-request-rows", str(LOCAL_MAX_ROWS),
+                                   "--score-batch-rows", str(LOCAL_BATCH_ROWS), "--version-label", "stable=1",
                                    "--version-label", "missing=7"])
     yield process
     process.stop()

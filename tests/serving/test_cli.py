@@ -33,7 +33,8 @@ def test_serve_help_says_it_is_a_stand_in(capsys):
         run(["serve", "--help"], capsys)
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "DEVELOPMENT STAND-IN" in text and "production serves with TF Serving" in text
-    for flag in ("--model-base-path", "--rest-port", "--grpc-port", "--poll-seconds", "--max-request-bytes"):
+    for flag in ("--model-base-path", "--rest-port", "--grpc-port", "--poll-seconds", "--max-request-bytes",
+                 "--max-request-rows", "--score-batch-rows", "--rest-workers", "--read-timeout", "--max-load-retries"):
         assert flag in text
 
 
@@ -95,7 +96,7 @@ def test_predict_with_server(server, models, data_file, serving_data, tmp_path, 
     code, text, err = run(["predict", "--server", target, "--protocol", protocol, "--data", str(path),
                            "--out", str(out), "--batch-rows", "7"], capsys)
     assert code == 0, err
-    _check(out, _expected(models, shuffled, serving_data.spec), sorted(serving_data.spec.tasks))
+    _check(out, _expected(models, shuffled, serving_data.spec), list(serving_data.spec.tasks))
     assert f"scored {len(shuffled)} rows" in text
 
 
@@ -117,7 +118,8 @@ def test_predict_tfrecord_with_explicit_spec(server, models, rows, serving_data,
     (["--data", "x.csv", "--out", "o.csv"], "exactly one of --server"),
     (["--server", "127.0.0.1:1", "--model-dir", "m", "--data", "x.csv", "--out", "o.csv"], "exactly one of"),
     (["--server", "127.0.0.1:1", "--data", "x.csv", "--out", "o.csv", "--timeout", "1"], "UNAVAILABLE"),
-    (["--model-dir", "/nonexistent", "--data", "x.csv", "--out", "o.csv"], "spec.yaml"),
+    (["--model-dir", "/nonexistent", "--data", "x.csv", "--out", "o.csv"],
+     "/nonexistent is not a SavedModel directory"),
 ])
 def test_predict_user_errors(argv, message, capsys):
     code, _, err = run(["predict", *argv], capsys)

@@ -99,3 +99,74 @@ def test_versions_and_labels_are_addressable(models, examples, tmp_path):
                 assert_close(canary.predict_examples(examples), v2)
     finally:
         process.stop()
+
+
+def _serving_version(process, examples, versions: dict, timeout: float = 60.0) -> int:
+    """Poll until the server's answers equal `versions`'s one entry ({number: in-process
+    outputs}); returns that number."""
+    import time
+
+    (number, want), = versions.items()
+    deadline = time.monotonic() + timeout
+    with process.client("rest", retries=0) as client:
+        while True:
+            got = client.predict_examples(examples)
+            if all(np.allclose(got[t], want[t], atol=1e-6) for t in want):
+                return number
+            if time.monotonic() > deadline:
+                raise AssertionError(f"still not serving version {number}: {process.output()}")
+            time.sleep(0.2)
+
+
+@pytest.mark.parametrize("kind", SERVERS)
+def test_deleting_the_newest_version_rolls_back(kind, models, examples, tmp_path):
+    """TF Serving's `latest` policy: with version 2 deleted, version 1 is served again."""
+    import shutil
+
+    from mdmt_tf.export.savedmodel import publish_version
+
+    base = tmp_path / "mdmt"
+    publish_version(models[1], base)
+    publish_version(models[2], base)
+    process = start_server(kind, base, tmp_path / "server.log")
+    try:
+        v1, v2 = in_process(models[1], examples), in_process(models[2], examples)
+        assert _serving_version(process, examples, {2: v2}) == 2
+        shutil.rmtree(base / "2")
+        assert _serving_version(process, examples, {1: v1}) == 1
+        process.wait_for_version(1)
+        publish_version(models[2], base)  # published again (as version 2: the next free number)
+        assert _serving_version(process, examples, {2: v2}) == 2
+    finally:
+        process.stop()
+
+
+def test_a_version_that_failed_to_load_is_retried(models, examples, tmp_path):
+    """A version whose first load fails (here: copied in place, not yet complete) is loaded
+    on a later try; meanwhile the previous version serves."""
+    import shutil
+    import time
+
+    from mdmt_tf.export.savedmodel import publish_version
+    from tests.serving.conftest import ServerProcess
+
+    base = tmp_path / "mdmt"
+    publish_version(models[1], base)
+    process = ServerProcess("local", base, tmp_path / "server.log", extra=["--load-retry-seconds", "1"])
+    try:
+        (base / "2").mkdir()
+        (base / "2" / "saved_model.pb").write_bytes(b"half a file")
+        deadline = time.monotonic() + 60
+        with process.client("rest") as client:
+            while True:
+                states = {v["version"]: v for v in client.status()["model_version_status"]}
+                if "2" in states and states["2"]["status"]["error_message"]:
+                    break
+                assert time.monotonic() < deadline, process.output()
+                time.sleep(0.2)
+            assert states["2"]["state"] == "END" and states["1"]["state"] == "AVAILABLE"
+            assert_close(client.predict_examples(examples), in_process(models[1], examples))
+        shutil.copytree(models[2], base / "2", dirs_exist_ok=True)  # the copy completes
+        assert _serving_version(process, examples, {2: in_process(models[2], examples)}) == 2
+    finally:
+        process.stop()

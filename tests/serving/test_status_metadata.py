@@ -51,12 +51,13 @@ def test_grpc_status_errors(server):
     assert info.value.code == "NOT_FOUND" and "Could not find version 5 of model mdmt" in info.value.message
 
 
-def test_served_spec_is_recovered_from_metadata(server, serving_data):
-    """mdmt predict --server without --spec: the spec comes from the served model."""
+def test_served_spec_comes_from_model_info(server, serving_data):
+    """mdmt predict --server without --spec: the spec comes from the served model's
+    model_info signature, tasks and domain values in the model's own order."""
     from serving.scoring import served_spec
 
     with server.client("rest") as client:
         spec = served_spec(client)
     want = serving_data.spec
-    assert spec.domain == want.domain and set(spec.sparse) == set(want.sparse) and spec.dense == want.dense
-    assert spec.tasks == tuple(sorted(want.tasks)) and set(spec.domains) == set(serving_data.vocab.domains)
+    assert spec.domain == want.domain and spec.sparse == want.sparse and spec.dense == want.dense
+    assert spec.tasks == want.tasks and spec.domains == tuple(serving_data.vocab.domains)

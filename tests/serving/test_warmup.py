@@ -84,7 +84,7 @@ def test_warmup_requests_replay_through_the_loaded_signature(models):
 
 
 def test_servable_replays_every_warmup_record(models):
-    from serving.servable import Servable
+    from serving.devserver.servable import Servable
 
     servable = Servable("mdmt", 1, models[1])
     assert servable.warm_up() == len(read_warmup(models[1])) == 4
@@ -93,7 +93,7 @@ def test_servable_replays_every_warmup_record(models):
 def test_servable_replay_count_follows_the_file(models, examples, tmp_path):
     """A rewritten warmup file (20 examples in batches of 8: 3 records) replays 3 requests."""
     from mdmt_tf.export.savedmodel import write_warmup_requests
-    from serving.servable import Servable
+    from serving.devserver.servable import Servable
 
     model = tmp_path / "1"
     shutil.copytree(models[1], model)
@@ -103,7 +103,7 @@ def test_servable_replay_count_follows_the_file(models, examples, tmp_path):
 
 
 def test_servable_without_warmup_file_logs_info_and_serves(models, examples, tmp_path, caplog):
-    from serving.servable import Servable
+    from serving.devserver.servable import Servable
 
     model = tmp_path / "1"
     shutil.copytree(models[1], model)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 from tensorflow.core.framework import types_pb2
 
-from serving import rest_codec
-from serving.repository import ModelRepository
-from serving.servable import clean_tf_message
-from serving.signatures import SignatureInfo, TensorInfo, check_inputs
-from serving.status import HTTP_STATUS, StatusError
+from serving import codec
+from serving.devserver import rest_codec
+from serving.devserver.repository import ModelRepository
+from serving.devserver.servable import clean_tf_message
+from serving.devserver.signatures import SignatureInfo, TensorInfo, check_inputs
+from serving.devserver.status import HTTP_STATUS, StatusError
 
 
 class FakeServable:
@@ -18,11 +19,15 @@ class FakeServable:
         self.name, self.version, self.path = name, version, path
 
 
-def _repository(tmp_path, versions, failing=(), **kwargs):
+def _repository(tmp_path, versions, failing=(), loads=None, **kwargs):
+    """A repository over empty version directories; `failing`: versions whose load raises
+    (a set the test may change); `loads`: a list that records every load attempt."""
     for v in versions:
         (tmp_path / str(v)).mkdir()
 
     def load(name, version, path):
+        if loads is not None:
+            loads.append(version)
         if version in failing:
             raise RuntimeError(f"cannot load {path}")
         return FakeServable(name, version, path)
@@ -47,16 +52,67 @@ def test_repository_serves_the_newest_and_switches(tmp_path):
         repo.servable("mdmt", version=2)
 
 
-def test_repository_keeps_serving_when_a_load_fails(tmp_path):
-    repo = _repository(tmp_path, [1], failing={2})
+def test_repository_keeps_serving_when_a_load_fails_and_retries_it(tmp_path):
+    failing, loads = {2}, []
+    repo = _repository(tmp_path, [1], failing=failing, loads=loads, load_retry_seconds=0)
     repo.poll()
     (tmp_path / "2").mkdir()
     repo.poll()
     assert repo.servable("mdmt").version == 1 and repo.available_versions() == [1]
     state, error = _states(repo)[2]
     assert state == 50 and "cannot load" in error
-    repo.poll()  # a failed version is not retried
-    assert repo.available_versions() == [1]
+    failing.clear()  # e.g. the copy was completed, or a missing op became available
+    repo.poll()  # a failed version is retried on a later poll
+    assert repo.servable("mdmt").version == 2 and repo.available_versions() == [2]
+    assert _states(repo)[2] == (30, "") and loads == [1, 2, 2]
+
+
+def test_failed_loads_are_retried_a_bounded_number_of_times_apart(tmp_path):
+    loads = []
+    repo = _repository(tmp_path, [1], failing={2}, loads=loads, max_load_retries=2, load_retry_seconds=3600)
+    repo.poll()
+    (tmp_path / "2").mkdir()
+    repo.poll()
+    assert loads == [1, 2] and repo.available_versions() == [1]  # v2 failed; v1 serves
+    repo.poll()
+    assert loads == [1, 2], "not retried before load_retry_seconds"
+    repo.load_retry_seconds = 0
+    for _ in range(5):
+        repo.poll()
+    assert loads == [1, 2, 2, 2], "one load and max_load_retries=2 retries, then no more"
+    assert repo.available_versions() == [1] and _states(repo)[2][0] == 50
+
+
+def test_deleting_the_newest_version_rolls_back(tmp_path):
+    """TF Serving's `latest` policy: the newest version left on disk is served; the
+    deleted one is unloaded once the older one is AVAILABLE (loaded again: it was unloaded)."""
+    import shutil
+
+    loads = []
+    repo = _repository(tmp_path, [1, 2], loads=loads)
+    repo.poll()
+    assert repo.available_versions() == [2] and loads == [2]
+    shutil.rmtree(tmp_path / "2")
+    repo.poll()
+    assert repo.servable("mdmt").version == 1 and repo.available_versions() == [1] and loads == [2, 1]
+    assert _states(repo) == {1: (30, ""), 2: (50, "")}
+    (tmp_path / "2").mkdir()  # republished: served again
+    repo.poll()
+    assert repo.available_versions() == [2] and loads == [2, 1, 2]
+
+
+def test_rollback_with_latest_n_and_when_nothing_else_loads(tmp_path):
+    import shutil
+
+    repo = _repository(tmp_path, [1, 2, 3], num_versions=2, failing={1}, load_retry_seconds=0)
+    repo.poll()
+    assert repo.available_versions() == [2, 3]
+    shutil.rmtree(tmp_path / "3")
+    repo.poll()  # wants [1, 2]; 1 fails, 2 stays; the deleted 3 goes
+    assert repo.available_versions() == [2]
+    shutil.rmtree(tmp_path / "2")
+    repo.poll()  # nothing on disk loads: the newest loaded version keeps serving
+    assert repo.available_versions() == [2] and repo.servable("mdmt").version == 2
 
 
 def test_repository_latest_n_and_labels(tmp_path):
@@ -142,7 +198,7 @@ def test_response_formats():
     single = rest_codec.predict_response({"click": outputs["click"]}, row_format=True)
     assert single == {"predictions": [0.1, 0.25]}
     for doc in (rows, columns):  # float32 values survive the shortest-form round trip exactly
-        decoded = rest_codec.decode_outputs(doc, ["click", "like"])
+        decoded = codec.decode_outputs(doc, ["click", "like"])
         assert all(np.array_equal(decoded[k], outputs[k]) for k in outputs)
 
 

@@ -13,7 +13,7 @@ import dataclasses
 import numpy as np
 from tensorflow.core.framework import types_pb2
 
-from serving.status import invalid
+from .status import invalid
 
 # DataType enum -> (short name used in messages, numpy dtype); strings are object arrays of bytes
 DTYPES = {

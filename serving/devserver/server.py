@@ -6,9 +6,16 @@ same clients against the same API: it loads the newest numbered version under
 --model-base-path, polls for new versions and switches to them without a restart, and
 speaks TF Serving's REST API (port 8501) and gRPC PredictionService / ModelService
 (port 8500) with TF Serving's response and error shapes. It is pure Python on top of
-TensorFlow: no request batching, no multi-model config, no Prometheus endpoint.
+TensorFlow: no cross-request batching, no multi-model config, no Prometheus endpoint.
 
-    python -m serving.local_server --model-base-path DIR [--model-name mdmt]
+Under load and faults it stays within bounds: a request is capped in bytes
+(--max-request-bytes) and rows (--max-request-rows) and scored in slices of at most
+--score-batch-rows rows; REST connections are served by one I/O thread and a pool of
+--rest-workers threads (gRPC: --grpc-workers), with a listen backlog of 128 and read and
+idle timeouts, so stalled clients cost no threads (http.py); a client that disconnects is
+one log line.
+
+    python -m serving.devserver --model-base-path DIR [--model-name mdmt]
     mdmt serve --model-base-path DIR          (the same, from the mdmt CLI)
 """
 from __future__ import annotations
@@ -29,6 +36,8 @@ PRODUCTION_IMAGE = "tensorflow/serving:2.21.0"
 STAND_IN = ("DEVELOPMENT STAND-IN for tensorflow_model_server (REST + gRPC, TF Serving's API) for machines "
             f"without it; production serves with TF Serving ({PRODUCTION_IMAGE}, see serving/README.md)")
 DEFAULT_MAX_REQUEST_BYTES = 64 << 20
+DEFAULT_MAX_REQUEST_ROWS = 65_536
+DEFAULT_SCORE_BATCH_ROWS = 4096  # serving/config/batching.config's max_batch_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +49,18 @@ class ServerOptions:
     grpc_port: int = 8500
     poll_seconds: float = 2.0
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_request_rows: int = DEFAULT_MAX_REQUEST_ROWS
+    score_batch_rows: int = DEFAULT_SCORE_BATCH_ROWS
     num_versions: int = 1
     labels: tuple[tuple[str, int], ...] = ()
     warmup: bool = True
+    rest_workers: int = 8
+    grpc_workers: int = 8
+    read_timeout: float = 30.0
+    idle_timeout: float = 60.0
+    max_connections: int = 1024
+    max_load_retries: int = 5
+    load_retry_seconds: float = 60.0
 
     def __post_init__(self):
         checks = [
@@ -51,6 +69,13 @@ class ServerOptions:
                                                   f"{self.model_base_path}`"),
             (self.poll_seconds > 0, f"--poll-seconds must be > 0, got {self.poll_seconds}"),
             (self.max_request_bytes >= 1024, f"--max-request-bytes must be >= 1024, got {self.max_request_bytes}"),
+            (self.max_request_rows >= 1, f"--max-request-rows must be >= 1, got {self.max_request_rows}"),
+            (self.score_batch_rows >= 1, f"--score-batch-rows must be >= 1, got {self.score_batch_rows}"),
+            (self.rest_workers >= 1 and self.grpc_workers >= 1, "--rest-workers and --grpc-workers must be >= 1"),
+            (self.read_timeout > 0 and self.idle_timeout > 0, "--read-timeout and --idle-timeout must be > 0"),
+            (self.max_connections >= 1, f"--max-connections must be >= 1, got {self.max_connections}"),
+            (self.max_load_retries >= 0 and self.load_retry_seconds >= 0,
+             "--max-load-retries and --load-retry-seconds must be >= 0"),
             (self.num_versions >= 1, f"--num-versions must be >= 1, got {self.num_versions}"),
             (all(0 <= p <= 65535 for p in (self.rest_port, self.grpc_port)), "ports must be in 0..65535"),
             (bool(self.model_name) and "/" not in self.model_name and ":" not in self.model_name,
@@ -61,10 +86,11 @@ class ServerOptions:
                 raise ConfigError(message)
 
 
-def load_servable(name: str, version: int, path: Path, warmup: bool = True):
-    from serving.servable import Servable
+def load_servable(name: str, version: int, path: Path, warmup: bool = True,
+                  batch_rows: int = DEFAULT_SCORE_BATCH_ROWS):
+    from .servable import Servable
 
-    servable = Servable(name, version, path)
+    servable = Servable(name, version, path, batch_rows=batch_rows)
     if warmup:
         count = servable.warm_up()
         if count:
@@ -76,29 +102,33 @@ class LocalServer:
     """The dev server's pieces (repository, REST, gRPC) started and stopped together."""
 
     def __init__(self, options: ServerOptions):
-        from serving.api import ModelApi
-        from serving.repository import ModelRepository
+        from .api import ModelApi
+        from .repository import ModelRepository
 
         self.options = options
         self.repository = ModelRepository(
             options.model_name, options.model_base_path, num_versions=options.num_versions,
-            labels=dict(options.labels), load=lambda n, v, p: load_servable(n, v, p, options.warmup))
-        self.api = ModelApi(self.repository, options.max_request_bytes)
+            labels=dict(options.labels), max_load_retries=options.max_load_retries,
+            load_retry_seconds=options.load_retry_seconds,
+            load=lambda n, v, p: load_servable(n, v, p, options.warmup, options.score_batch_rows))
+        self.api = ModelApi(self.repository, options.max_request_bytes, options.max_request_rows)
         self._http = self._grpc = None
         self.rest_port = self.grpc_port = None
 
     def start(self) -> "LocalServer":
-        from serving.grpc_service import make_grpc_server
-        from serving.rest import RestApi, make_http_server
+        from .grpc_service import make_grpc_server
+        from .rest import RestApi, make_http_server
 
         o = self.options
         log.warning(STAND_IN)
         self.repository.start(o.poll_seconds)  # the first poll loads before the ports open, as TF Serving
         if not self.repository.available_versions():
             log.warning("no loadable version under %s yet; polling every %s s", o.model_base_path, o.poll_seconds)
-        self._grpc, self.grpc_port = make_grpc_server(o.host, o.grpc_port, self.api)
+        self._grpc, self.grpc_port = make_grpc_server(o.host, o.grpc_port, self.api, workers=o.grpc_workers)
         try:
-            self._http = make_http_server(o.host, o.rest_port, RestApi(self.api))
+            self._http = make_http_server(o.host, o.rest_port, RestApi(self.api), workers=o.rest_workers,
+                                          read_timeout=o.read_timeout, idle_timeout=o.idle_timeout,
+                                          max_connections=o.max_connections)
         except OSError as err:
             self._grpc.stop(0)
             raise ConfigError(f"cannot bind the REST port {o.host}:{o.rest_port}: {err}") from None
@@ -135,18 +165,36 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-seconds", type=float, default=2.0, help="how often to look for new versions")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help="larger requests are refused with 400 / INVALID_ARGUMENT")
+    p.add_argument("--max-request-rows", type=int, default=DEFAULT_MAX_REQUEST_ROWS,
+                   help="requests of more rows are refused with 400 / INVALID_ARGUMENT")
+    p.add_argument("--score-batch-rows", type=int, default=DEFAULT_SCORE_BATCH_ROWS,
+                   help="score a request in slices of at most this many rows (bounds memory)")
     p.add_argument("--num-versions", type=int, default=1,
                    help="keep the newest N versions loaded (TF Serving's `latest N` policy)")
     p.add_argument("--version-label", action="append", type=_label, default=[], metavar="LABEL=N",
                    help="serve version N under /labels/LABEL (repeatable)")
     p.add_argument("--no-warmup", action="store_true", help="skip assets.extra/tf_serving_warmup_requests")
+    p.add_argument("--rest-workers", type=int, default=8, help="threads answering REST requests")
+    p.add_argument("--grpc-workers", type=int, default=8, help="threads answering gRPC calls")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a REST request may take to arrive (and its answer to be read)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--max-connections", type=int, default=1024, help="open REST connections at most")
+    p.add_argument("--max-load-retries", type=int, default=5,
+                   help="retry a version that failed to load this many times (TF Serving's --max_num_load_retries)")
+    p.add_argument("--load-retry-seconds", type=float, default=60.0,
+                   help="seconds between load retries (TF Serving's --load_retry_interval_micros)")
 
 
 def options_from_args(args) -> ServerOptions:
     return ServerOptions(Path(args.model_base_path), model_name=args.model_name, host=args.host,
                          rest_port=args.rest_port, grpc_port=args.grpc_port, poll_seconds=args.poll_seconds,
-                         max_request_bytes=args.max_request_bytes, num_versions=args.num_versions,
-                         labels=tuple(args.version_label), warmup=not args.no_warmup)
+                         max_request_bytes=args.max_request_bytes, max_request_rows=args.max_request_rows,
+                         score_batch_rows=args.score_batch_rows, num_versions=args.num_versions,
+                         labels=tuple(args.version_label), warmup=not args.no_warmup, rest_workers=args.rest_workers,
+                         grpc_workers=args.grpc_workers, read_timeout=args.read_timeout,
+                         idle_timeout=args.idle_timeout, max_connections=args.max_connections,
+                         max_load_retries=args.max_load_retries, load_retry_seconds=args.load_retry_seconds)
 
 
 def serve_forever(options: ServerOptions) -> int:
@@ -166,7 +214,7 @@ def configure_logging(level: str = "INFO") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serving.local_server", description=STAND_IN + ".")
+    p = argparse.ArgumentParser(prog="python -m serving.devserver", description=STAND_IN + ".")
     add_server_arguments(p)
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p

@@ -11,15 +11,20 @@ import dataclasses
 import numpy as np
 from tensorflow_serving.apis import get_model_metadata_pb2
 
-from serving.repository import ModelRepository
-from serving.servable import Servable
-from serving.status import StatusError, invalid
+from .repository import ModelRepository
+from .servable import Servable
+from .status import StatusError, invalid
 
 SIGNATURE_DEF = "signature_def"
 
 
 def too_large(size: int, limit: int) -> StatusError:
     return invalid(f"Request of {size} bytes exceeds this server's limit of {limit} bytes (--max-request-bytes); "
+                   "send fewer rows per request")
+
+
+def too_many_rows(rows: int, limit: int) -> StatusError:
+    return invalid(f"Request of {rows} rows exceeds this server's limit of {limit} rows (--max-request-rows); "
                    "send fewer rows per request")
 
 
@@ -33,13 +38,18 @@ class ModelRequest:
 
 
 class ModelApi:
-    def __init__(self, repository: ModelRepository, max_request_bytes: int):
+    def __init__(self, repository: ModelRepository, max_request_bytes: int, max_request_rows: int):
         self.repository = repository
-        self.max_request_bytes = max_request_bytes
+        self.max_request_bytes, self.max_request_rows = max_request_bytes, max_request_rows
 
     def check_size(self, size: int) -> None:
         if size > self.max_request_bytes:
             raise too_large(size, self.max_request_bytes)
+
+    def check_rows(self, rows: int) -> None:
+        """Refuse a request of more rows (0th-dimension size) than --max-request-rows."""
+        if rows > self.max_request_rows:
+            raise too_many_rows(rows, self.max_request_rows)
 
     def servable(self, request: ModelRequest) -> Servable:
         return self.repository.servable(request.name, request.version, request.label)

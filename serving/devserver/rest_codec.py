@@ -1,4 +1,5 @@
-"""TF Serving's REST JSON for Predict, both ways.
+"""TF Serving's REST JSON for Predict, the server's side: parse requests, format answers.
+(The client has its own codec, serving/codec.py.)
 
 Requests come in two formats (TF Serving's json_tensor rules):
   row       {"signature_name": S, "instances": [row, ...]}: a row is a value (one-input
@@ -22,8 +23,8 @@ import re
 
 import numpy as np
 
-from serving.signatures import SignatureInfo, TensorInfo, dtype_name
-from serving.status import StatusError, invalid
+from .signatures import SignatureInfo, TensorInfo, dtype_name
+from .status import StatusError, invalid
 
 _WEB_SAFE_B64 = re.compile(r"[A-Za-z0-9_-]*={0,2}")
 MAX_RANK = 32  # deeper nesting is refused before recursing into it
@@ -130,7 +131,7 @@ def to_array(value, spec: TensorInfo) -> np.ndarray:
     shape = _dense_shape(value)
     flat: list = []
     _fill(value, 0, shape, dtype, flat)
-    array = np.empty(len(flat), dtype=object) if np_dtype == object else None
+    array = np.empty(len(flat), dtype=object) if np.dtype(np_dtype).kind == "O" else None
     if array is not None:
         array[:] = flat
     else:
@@ -157,6 +158,19 @@ def parse_json(body: bytes) -> dict:
     if not isinstance(doc, dict):
         raise invalid(f"JSON Value: {_show(doc)} Is not object")
     return doc
+
+
+def count_rows(doc: dict) -> int:
+    """The rows (0th-dimension size) a predict body asks for, before anything is converted:
+    the length of `instances`, or of the longest list among `inputs`."""
+    instances, inputs = doc.get("instances"), doc.get("inputs")
+    if isinstance(instances, list):
+        return len(instances)
+    if isinstance(inputs, list):
+        return len(inputs)
+    if isinstance(inputs, dict):
+        return max((len(v) for v in inputs.values() if isinstance(v, list)), default=0)
+    return 0
 
 
 def signature_name(doc: dict) -> str:
@@ -283,42 +297,3 @@ def predict_response(outputs: dict[str, np.ndarray], row_format: bool) -> dict:
         return {"predictions": values[names[0]]}
     count = next(iter(batch.values()))
     return {"predictions": [{n: values[n][i] for n in names} for i in range(count)]}
-
-
-# ----------------------------------------------------------------------- client
-def _encode_string(value) -> str | dict:
-    raw = value if isinstance(value, bytes) else str(value).encode()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and text.isprintable():
-        return text
-    return {"b64": base64.b64encode(raw).decode("ascii")}  # binary, e.g. serialized tf.Examples
-
-
-def encode_column(array: np.ndarray, is_string: bool) -> list:
-    """Client side: an input array as nested JSON values; strings stay text when they
-    are printable UTF-8, anything else travels as {"b64": ...}."""
-    if not is_string:
-        return array.tolist()
-    flat = [_encode_string(v) for v in array.reshape(-1)]
-    out = np.empty(len(flat), dtype=object)
-    out[:] = flat
-    return out.reshape(array.shape).tolist()
-
-
-def decode_outputs(doc: dict, output_names: list[str]) -> dict[str, np.ndarray]:
-    """Client side: a predict response (either format) -> {output: float array}."""
-    if "outputs" in doc:
-        outputs = doc["outputs"]
-        values = outputs if isinstance(outputs, dict) else {output_names[0]: outputs}
-    elif "predictions" in doc:
-        rows = doc["predictions"]
-        if rows and isinstance(rows[0], dict):
-            values = {name: [row[name] for row in rows] for name in rows[0]}
-        else:
-            values = {output_names[0]: rows}
-    else:
-        raise ValueError(f"the response has neither 'outputs' nor 'predictions': {_show(doc)}")
-    return {name: np.asarray(v, dtype=np.float32) for name, v in values.items()}

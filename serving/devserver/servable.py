@@ -1,7 +1,9 @@
 """One loaded version of a SavedModel: its signatures, their metadata, and predict.
 
-Predict validates the request's tensors against the SignatureDef (serving.signatures),
-runs the signature's concrete function, and turns TensorFlow's errors into canonical
+Predict validates the request's tensors against the SignatureDef (signatures.py), runs
+the signature's concrete function on slices of at most `batch_rows` rows (so a large
+request's intermediate tensors stay bounded: memory grows with the slice, not with the
+request; the answers are concatenated), and turns TensorFlow's errors into canonical
 statuses with readable messages: TF reports an op failure as "Graph execution error:
 ... Detected at node ... <the message> [[{{node ...}}]]", of which only the message
 means anything to a client (e.g. "Feature: age (data type: float) is required but could
@@ -17,13 +19,14 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
-from serving.signatures import SignatureInfo, check_inputs
-from serving.status import CODE_BY_NUMBER, StatusError, invalid
+from .signatures import SignatureInfo, check_inputs
+from .status import CODE_BY_NUMBER, StatusError, invalid
 
 log = logging.getLogger("serving")
 
 WARMUP_FILE = "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # as TF Serving
+DEFAULT_BATCH_ROWS = 4096  # serving/config/batching.config's max_batch_size
 
 
 def clean_tf_message(message: str) -> str:
@@ -67,8 +70,10 @@ def _first_unparsable_example(examples: np.ndarray) -> int | None:
 class Servable:
     """A SavedModel version loaded for serving (thread-safe: TF functions are)."""
 
-    def __init__(self, name: str, version: int, path: str | Path):
-        self.name, self.version, self.path = name, int(version), Path(path)
+    def __init__(self, name: str, version: int, path: str | Path, batch_rows: int = DEFAULT_BATCH_ROWS):
+        if batch_rows < 1:
+            raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+        self.name, self.version, self.path, self.batch_rows = name, int(version), Path(path), batch_rows
         self.signature_defs = read_signature_defs(self.path)
         self._loaded = tf.saved_model.load(str(self.path))
         self._functions = dict(self._loaded.signatures)
@@ -79,19 +84,39 @@ class Servable:
         return self.signatures.get(name or "serving_default")
 
     def predict(self, signature: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run `signature` on validated inputs; raises StatusError on any bad input."""
+        """Run `signature` on validated inputs, `batch_rows` rows at a time; raises
+        StatusError on any bad input."""
         info = self.signatures[signature]
         check_inputs(info, inputs)
+        rows = {a.shape[0] for a in inputs.values() if a.ndim > 0}
+        count = rows.pop() if rows and all(a.ndim > 0 for a in inputs.values()) else None
+        if count is None or count <= self.batch_rows:
+            return self._run(signature, info, inputs, inputs)
+        parts: dict[str, list] = {}
+        for start in range(0, count, self.batch_rows):
+            piece = {k: v[start:start + self.batch_rows] for k, v in inputs.items()}
+            size = min(self.batch_rows, count - start)
+            for name, value in self._run(signature, info, piece, inputs).items():
+                if value.ndim == 0 or value.shape[0] != size:
+                    raise invalid(f"signature '{signature}' answers output '{name}' of shape {list(value.shape)} to "
+                                  f"{size} rows, so it cannot be scored in slices; send at most "
+                                  f"{self.batch_rows} rows per request")
+                parts.setdefault(name, []).append(value)
+        return {name: np.concatenate(values) for name, values in parts.items()}
+
+    def _run(self, signature: str, info: SignatureInfo, inputs: dict[str, np.ndarray],
+             request: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The signature's function on `inputs` (a slice of `request`, whose rows an error names)."""
         tensors = {k: _tensor(k, v, info.inputs[k].dtype) for k, v in inputs.items()}
         try:
             outputs = self._functions[signature](**tensors)
         except tf.errors.OpError as err:
             if "Could not parse example input" in err.message:
-                raise invalid(self._undecodable_message(inputs)) from None
+                raise invalid(self._undecodable_message(request)) from None
             raise StatusError(CODE_BY_NUMBER.get(err.error_code, "UNKNOWN"), clean_tf_message(err.message)) from None
         except UnicodeDecodeError:  # TF's message quoted undecodable input bytes
-            raise invalid(self._undecodable_message(inputs)) from None
-        return {k: v.numpy() for k, v in outputs.items()}
+            raise invalid(self._undecodable_message(request)) from None
+        return {k: np.asarray(v.numpy()) for k, v in outputs.items()}  # a scalar string's numpy() is bytes
 
     @staticmethod
     def _undecodable_message(inputs: dict[str, np.ndarray]) -> str:

@@ -9,7 +9,10 @@ Classify, Regress, MultiInference and HandleReloadConfigRequest are UNIMPLEMENTE
 
 gRPC itself refuses messages beyond its receive limit with RESOURCE_EXHAUSTED; the limit
 is set to twice --max-request-bytes (plus 1 MiB) so that a moderately oversized request
-reaches the handler and gets INVALID_ARGUMENT naming the limit.
+reaches the handler and gets INVALID_ARGUMENT naming the limit. A request of more rows
+(0th dimension of its tensors) than --max-request-rows gets INVALID_ARGUMENT before its
+tensors are converted. Calls run on a pool of `workers` threads; gRPC's core holds the
+connections, so idle or stalled clients cost no thread.
 """
 from __future__ import annotations
 
@@ -20,10 +23,10 @@ from concurrent import futures
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow_serving.apis import (model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
+from tensorflow_serving.apis import model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
 
-from serving.api import ModelApi, ModelRequest
-from serving.status import StatusError, invalid
+from .api import ModelApi, ModelRequest
+from .status import StatusError, invalid
 
 log = logging.getLogger("serving")
 
@@ -67,6 +70,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(self, request, context):
         with _status(context):
             self.api.check_size(request.ByteSize())
+            self.api.check_rows(max((t.tensor_shape.dim[0].size for t in request.inputs.values()
+                                     if t.tensor_shape.dim), default=0))
             servable = self.api.servable(model_request(request.model_spec))
             signature = request.model_spec.signature_name or "serving_default"
             if servable.find_signature(signature) is None:
