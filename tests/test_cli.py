@@ -154,4 +154,5 @@ def test_train_then_evaluate_reproduces_the_test_metrics(tmp_path):
         assert evaluated["auc"][key] == pytest.approx(value, abs=1e-6)
     bad = run_cli("train", "--model", "mmoe", "--data", "synthetic:3000", "--out", str(tmp_path / "x"),
                   "--param", "num_experts=zero")
-    assert bad.returncode == 2 and "mdmt: error: mmoe: hyper-parameter num_experts='zero' must be an integer" in bad.stderr
+    assert bad.returncode == 2
+    assert "mdmt: error: mmoe: hyper-parameter num_experts='zero' must be an integer" in bad.stderr

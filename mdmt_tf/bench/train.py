@@ -64,41 +64,29 @@ def _median(values):
 
 
 def run_one(name: str, batch_size: int, steps: int, precision: str, jit: bool, trials: int = 5) -> dict:
-    """One configuration's figures (`main` runs each in a subprocess); the global dtype
-    policy is restored afterwards."""
-    import keras
-
-    previous = keras.mixed_precision.global_policy()
-    try:
-        return _measure(name, batch_size, steps, precision, jit, trials)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-
-
-def _measure(name: str, batch_size: int, steps: int, precision: str, jit: bool, trials: int) -> dict:
+    """One configuration's figures (`main` runs each in a subprocess)."""
     import keras
     import numpy as np
     import tensorflow as tf
 
     from mdmt_tf.bench.flops import graph_matmul_flops
-    from mdmt_tf.data.dataset import MDMTData, make_dataset
+    from mdmt_tf.data.dataset import MDMTData
     from mdmt_tf.data.sources import load_source
     from mdmt_tf.models import build_model
-    from mdmt_tf.training.fit import EncodedData, resolve_precision
-    from mdmt_tf.training.trainer import MDMTTrainer
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.encoded import EncodedData
+    from mdmt_tf.training.factory import make_trainer
+    from mdmt_tf.training.runtime import resolve_precision
 
     precision = resolve_precision(precision)
-    keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
     model_name, params, settings = CONFIGS[name]
     enc = EncodedData.from_data(MDMTData.build(*load_source("synthetic")))
-    model = build_model(model_name, enc.schema, params)
-    train = make_dataset(enc.features["train"], enc.labels["train"], batch_size=batch_size, shuffle=True, seed=0,
-                         repeat=True, drop_remainder=True)
-    heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=batch_size, shuffle=True, seed=1,
-                           drop_remainder=True)
-    steps_per_epoch = enc.rows("train") // batch_size
-    trainer = MDMTTrainer(model, heldout=heldout, steps_per_epoch=steps_per_epoch, jit_compile=jit, **settings)
+    model = build_model(model_name, enc.schema, params, dtype=precision)
+    config = TrainConfig(batch_size=batch_size, precision=precision, jit_compile=jit, **settings)
+    # the trainer `mdmt train` builds (held-out architecture batches included), on full batches only
+    setup = make_trainer(model, enc, config, seed=0, drop_remainder=True)
+    trainer, train = setup.trainer, setup.train.repeat()
     trainer.compile()
     trainer.fit(train, epochs=1, steps_per_epoch=5, verbose=0, shuffle=False)  # trace and warm up
     train_times = []
@@ -130,7 +118,7 @@ def _measure(name: str, batch_size: int, steps: int, precision: str, jit: bool, 
         arch_flops = graph_matmul_flops(tf.function(trainer._arch_step_impl).get_concrete_function(
             features, labels).graph)
         arch_flops = arch_flops / (settings.get("arch_period", 1) if settings["arch_mode"] == "bilevel"
-                                   else steps_per_epoch)
+                                   else trainer.steps_per_epoch)
     forward_flops = graph_matmul_flops(forward.get_concrete_function(features).graph)
     train_rate = steps * batch_size / train_seconds
     result = {"name": name, "batch_size": batch_size, "precision": precision, "jit": jit,
@@ -162,11 +150,10 @@ def main(names, batch_size: int = 2048, steps: int = 20, precision: str = "auto"
     for name in names:
         print(f"[bench] {name} (batch {batch_size}, {trials} x {steps} steps, precision {precision}"
               f"{', XLA' if jit else ''}) ...", flush=True)
+        call = f"run_one({name!r}, {batch_size}, {steps}, {precision!r}, {jit}, {trials})"
         proc = subprocess.run([sys.executable, "-c", "import json, sys; from mdmt_tf.bench.train import run_one;"
-                               f"print('RESULT', json.dumps(run_one({name!r}, {batch_size}, {steps}, {precision!r}, {jit}, "
-                               f"{trials})))"],
-                              capture_output=True, text=True)
-        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+                               f"print('RESULT', json.dumps({call}))"], capture_output=True, text=True)
+        line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(proc.stderr[-3000:], file=sys.stderr)
             raise RuntimeError(f"benchmark {name} failed")

@@ -11,6 +11,7 @@ import sys
 
 from mdmt_tf.cli import bench, data, pipeline, serve, train, tune
 from mdmt_tf.errors import MdmtError
+from mdmt_tf.log import configure_cli_logging
 
 
 # ------------------------------------------------------------------------ parser
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TF's C++ INFO lines out of the CLI
+    configure_cli_logging()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

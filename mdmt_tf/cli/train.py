@@ -56,7 +56,7 @@ def model_config_from_args(args):
 
 
 def train_config_from_args(args):
-    from mdmt_tf.training.fit import MAMDRConfig, TrainConfig
+    from mdmt_tf.training.config import MAMDRConfig, TrainConfig
 
     weights = {k: float(v) for k, v in _key_values(args.task_weight, "--task-weight").items()}
     tuned = dict(_hparams_file(args).get("train") or {}) if getattr(args, "hparams", None) else {}

@@ -9,7 +9,8 @@ from mdmt_tf.cli.train import _key_values, load_data
 
 
 def cmd_tune(args) -> int:
-    from mdmt_tf.training.fit import EncodedData, TrainConfig
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.encoded import EncodedData
     from mdmt_tf.tuning.search import distributed_environment, hyperband_schedule, run_search
 
     if args.distributed:

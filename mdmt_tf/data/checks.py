@@ -9,13 +9,13 @@ so `mdmt train`, `mdmt compare` and the pipeline's Trainer all reach it).
 """
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 import numpy as np
 
 from mdmt_tf.data.table import ROW
 from mdmt_tf.errors import DataError
+from mdmt_tf.log import LOG
 
 
 def unnested_rows(labels: dict[str, np.ndarray], tasks: Sequence[str]) -> list[tuple[str, str, np.ndarray]]:
@@ -78,9 +78,9 @@ def check_cascade(model_config, tasks: Sequence[str], labels: dict[str, np.ndarr
         if violations:
             count = len(np.unique(np.concatenate([index for _, _, index in violations])))
             pairs = ", ".join(f"{child}=1 but {parent}=0: {len(index)}" for parent, child, index in violations)
-            print(f"[mdmt] {model_config.name}: the training labels are not nested: {count} of "
-                  f"{len(labels[tasks[0]])} row(s) break the cascade {' -> '.join(tasks)} ({pairs}); training "
-                  "anyway (allow_unnested=true)", file=sys.stderr, flush=True)
+            LOG.warning("%s: the training labels are not nested: %d of %d row(s) break the cascade %s (%s); "
+                        "training anyway (allow_unnested=true)", model_config.name, count, len(labels[tasks[0]]),
+                        " -> ".join(tasks), pairs)
         return
     rows = source = None
     if data is not None:

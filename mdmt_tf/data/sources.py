@@ -13,8 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mdmt_tf.data.readers import (CSV_SUFFIXES, TFRECORD_SUFFIXES, Splits, read_csv, read_tfrecord,
-                                  split_table)
+from mdmt_tf.data.readers import CSV_SUFFIXES, TFRECORD_SUFFIXES, Splits, read_csv, read_tfrecord, split_table
 from mdmt_tf.errors import ConfigError, DataError
 from mdmt_tf.spec import DatasetSpec
 

@@ -21,8 +21,8 @@ from mdmt_tf.errors import DataError
 from mdmt_tf.spec import DatasetSpec
 
 ROW = "_row"
-_TRUE_LABELS = {"1", "1.0", "true", "True", "TRUE", 1, 1.0, True}
-_FALSE_LABELS = {"0", "0.0", "false", "False", "FALSE", 0, 0.0, False}
+_TRUE_LABELS = {"1", "1.0", "true", "True", "TRUE", 1}
+_FALSE_LABELS = {"0", "0.0", "false", "False", "FALSE", 0}
 
 
 def _first_bad(table: pd.DataFrame, bad: np.ndarray, column: str) -> tuple[int, object, int]:

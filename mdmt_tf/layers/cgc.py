@@ -25,8 +25,8 @@ class CGC(keras.layers.Layer):
         self.expert_units = check_units(expert_units, "expert_units", "CGC")
         self.last_level = bool(last_level)
         t, nt, ns = self.num_tasks, self.num_task_experts, self.num_shared_experts
-        self.task_experts = ExpertGroup(t * nt, self.expert_units, name="task_experts")
-        self.shared_experts = ExpertGroup(ns, self.expert_units, name="shared_experts")
+        self.task_experts = ExpertGroup(t * nt, self.expert_units, dtype=self.dtype_policy, name="task_experts")
+        self.shared_experts = ExpertGroup(ns, self.expert_units, dtype=self.dtype_policy, name="shared_experts")
 
     def build(self, task_inputs_shape, shared_input_shape):
         t, nt, ns, fan_in = self.num_tasks, self.num_task_experts, self.num_shared_experts, task_inputs_shape[-1]
@@ -36,7 +36,7 @@ class CGC(keras.layers.Layer):
                                                 initializer="glorot_uniform")
         self.task_gate_bias = self.add_weight(name="task_gate_bias", shape=(t, nt + ns), initializer="zeros")
         if not self.last_level:
-            self.shared_gate = keras.layers.Dense(t * nt + ns, name="shared_gate")
+            self.shared_gate = keras.layers.Dense(t * nt + ns, dtype=self.dtype_policy, name="shared_gate")
             self.shared_gate.build((None, fan_in))
 
     def call(self, task_inputs, shared_input):

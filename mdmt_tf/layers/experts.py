@@ -4,8 +4,14 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from mdmt_tf.layers._util import (check_norm, check_positive_int, check_units, clone_initializer, grouped_layer_norm,
-                                  register)
+from mdmt_tf.layers._util import (
+    check_norm,
+    check_positive_int,
+    check_units,
+    clone_initializer,
+    grouped_layer_norm,
+    register,
+)
 from mdmt_tf.layers.initializers import GroupedGlorotUniform
 
 

@@ -14,11 +14,14 @@ the authors' code or one per group ("vector").
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from mdmt_tf.layers._util import check_positive_int, register, select_by_domain
+from mdmt_tf.layers.records import ArchValue
 
 GRANULARITIES = ("scalar", "vector")
+GROUPS = ("domain", "task")
 
 
 def _check_granularity(value, layer):
@@ -37,11 +40,16 @@ class Balance(keras.layers.Layer):
       initial: raw initial value of beta (sigmoid(1) = 0.73).
       stop_gradient_others: view g sees the other groups' experts through stop_gradient
         (AFTB: a tower's loss then trains only its own group's expert).
+      group: what the groups are, "domain" or "task" (how its beta is reported).
     """
 
-    def __init__(self, num_groups, granularity="scalar", initial=1.0, stop_gradient_others=False, **kwargs):
+    def __init__(self, num_groups, granularity="scalar", initial=1.0, stop_gradient_others=False, group="domain",
+                 **kwargs):
         super().__init__(**kwargs)
         self.num_groups = check_positive_int(num_groups, "num_groups", "Balance")
+        if group not in GROUPS:
+            raise ValueError(f"Balance: `group` must be one of {GROUPS}, received group={group!r}")
+        self.group = group
         self.granularity = _check_granularity(granularity, "Balance")
         self.initial = float(initial)
         self.stop_gradient_others = bool(stop_gradient_others)
@@ -54,6 +62,9 @@ class Balance(keras.layers.Layer):
     def architecture_weights(self):
         return [self.beta]
 
+    def architecture_values(self) -> list[ArchValue]:
+        return [ArchValue("beta", self.group, _sigmoid(self.beta))]
+
     def call(self, experts):
         if self.num_groups == 1:
             return experts
@@ -64,7 +75,7 @@ class Balance(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_groups": self.num_groups, "granularity": self.granularity,
-                "initial": self.initial, "stop_gradient_others": self.stop_gradient_others}
+                "initial": self.initial, "stop_gradient_others": self.stop_gradient_others, "group": self.group}
 
 
 @register
@@ -94,6 +105,10 @@ class Amplitude(keras.layers.Layer):
     def architecture_weights(self):
         return [self.alpha_domain, self.alpha_task]
 
+    def architecture_values(self) -> list[ArchValue]:
+        return [ArchValue("alpha", "domain", _sigmoid(self.alpha_domain)),
+                ArchValue("alpha", "task", _sigmoid(self.alpha_task))]
+
     def call(self, shared_view, domain_view, task_view, domain):
         dtype = shared_view.dtype
         a_domain = ops.sigmoid(ops.cast(self.alpha_domain, dtype))
@@ -107,3 +122,8 @@ class Amplitude(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_domains": self.num_domains, "num_tasks": self.num_tasks,
                 "granularity": self.granularity, "initial": self.initial}
+
+
+def _sigmoid(variable) -> np.ndarray:
+    """sigmoid of a variable's value, in float64 NumPy (what the fusion applies)."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(ops.convert_to_numpy(variable), dtype=np.float64)))

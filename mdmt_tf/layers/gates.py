@@ -8,9 +8,11 @@ shared ones); the others are seen through stop_gradient.
 from __future__ import annotations
 
 import keras
+import numpy as np
 from keras import ops
 
 from mdmt_tf.layers._util import check_positive_int, check_units, clone_initializer, register
+from mdmt_tf.layers.records import ArchValue
 
 
 def mix(weights, experts):
@@ -22,8 +24,8 @@ def aftb_mix(weights, experts, keep):
     """Like `mix`, but gradients flow only into experts where `keep` is 1.
 
     keep: [G, E] or [B, G, E] of 0/1. The forward value equals mix(weights, experts) up to
-    float rounding (it is the sum of two einsums); the gradient w.r.t. expert e through gate g is zero where keep[g, e] == 0. Gradients
-    w.r.t. the weights flow through every expert.
+    float rounding (it is the sum of two einsums); the gradient w.r.t. expert e through gate g
+    is zero where keep[g, e] == 0. Gradients w.r.t. the weights flow through every expert.
     """
     weights = ops.cast(weights, experts.dtype)
     keep = ops.cast(keep, experts.dtype)
@@ -56,12 +58,13 @@ class SoftmaxGate(keras.layers.Layer):
         self.hidden = [keras.layers.Dense(u, activation="relu",
                                           kernel_initializer=clone_initializer(self.kernel_initializer, i),
                                           bias_initializer=clone_initializer(self.bias_initializer, i),
-                                          name=f"hidden_{i}")
+                                          dtype=self.dtype_policy, name=f"hidden_{i}")
                        for i, u in enumerate(self.hidden_units)]
         last = len(self.hidden_units)
         self.logits = keras.layers.Dense(self.num_gates * self.num_experts,
                                          kernel_initializer=clone_initializer(self.kernel_initializer, last),
-                                         bias_initializer=clone_initializer(self.bias_initializer, last), name="logits")
+                                         bias_initializer=clone_initializer(self.bias_initializer, last),
+                                         dtype=self.dtype_policy, name="logits")
 
     def build(self, input_shape):
         shape = tuple(input_shape)
@@ -107,6 +110,9 @@ class GateLogits(keras.layers.Layer):
     @property
     def architecture_weights(self):
         return [self.gate_logits]
+
+    def architecture_values(self) -> list[ArchValue]:
+        return [ArchValue("gate_logits", self.name, np.asarray(ops.convert_to_numpy(self.gate_logits)))]
 
     def call(self, x):
         weights = ops.softmax(ops.cast(self.gate_logits, "float32"), axis=-1)

@@ -40,15 +40,19 @@ class MLP(keras.layers.Layer):
         for i, width in enumerate(self.units):
             self.dense_layers.append(keras.layers.Dense(
                 width, kernel_initializer=clone_initializer(self.kernel_initializer, i),
-                bias_initializer=clone_initializer(self.bias_initializer, i), name=f"dense_{i}"))
+                bias_initializer=clone_initializer(self.bias_initializer, i), dtype=self.dtype_policy,
+                name=f"dense_{i}"))
             last_linear = i == len(self.units) - 1 and not self.activate_last
             if norm == "layer" and not last_linear:
-                self.norm_layers.append(keras.layers.LayerNormalization(epsilon=self.epsilon, name=f"norm_{i}"))
+                self.norm_layers.append(keras.layers.LayerNormalization(epsilon=self.epsilon, dtype=self.dtype_policy,
+                                                                        name=f"norm_{i}"))
             elif norm == "batch" and not last_linear:
-                self.norm_layers.append(keras.layers.BatchNormalization(epsilon=self.epsilon, name=f"norm_{i}"))
+                self.norm_layers.append(keras.layers.BatchNormalization(epsilon=self.epsilon, dtype=self.dtype_policy,
+                                                                        name=f"norm_{i}"))
             else:
                 self.norm_layers.append(None)
-        self.dropout_layer = keras.layers.Dropout(self.dropout_rate) if self.dropout_rate else None
+        self.dropout_layer = keras.layers.Dropout(self.dropout_rate,
+                                                  dtype=self.dtype_policy) if self.dropout_rate else None
 
     def build(self, input_shape):
         shape = tuple(input_shape)

@@ -23,10 +23,10 @@ class GateNU(keras.layers.Layer):
         self.scale = float(scale)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
-        self.hidden = keras.layers.Dense(self.hidden_units, activation="relu", name="hidden",
+        self.hidden = keras.layers.Dense(self.hidden_units, activation="relu", dtype=self.dtype_policy, name="hidden",
                                          kernel_initializer=clone_initializer(self.kernel_initializer, 0),
                                          bias_initializer=clone_initializer(self.bias_initializer, 0))
-        self.out = keras.layers.Dense(self.output_dim, name="out",
+        self.out = keras.layers.Dense(self.output_dim, dtype=self.dtype_policy, name="out",
                                       kernel_initializer=clone_initializer(self.kernel_initializer, 1),
                                       bias_initializer=clone_initializer(self.bias_initializer, 1))
 
@@ -58,7 +58,7 @@ class EPNet(keras.layers.Layer):
 
     def build(self, embedding_shape, domain_embedding_shape):
         k = embedding_shape[-1]
-        self.gate = GateNU(k, hidden_units=self.hidden_units, scale=self.scale, name="gate_nu")
+        self.gate = GateNU(k, hidden_units=self.hidden_units, scale=self.scale, dtype=self.dtype_policy, name="gate_nu")
         d = domain_embedding_shape[-1]
         self.gate.build((None, k + d))
 
@@ -97,7 +97,8 @@ class PPNetTowers(keras.layers.Layer):
         gate_in = fan_in + prior_shape[-1]
         self.gates, self.kernels, self.biases = [], [], []
         for i, width in enumerate(self.units + (1,)):
-            gate = GateNU(t * fan_in, hidden_units=self.gate_hidden_units, scale=self.scale, name=f"gate_nu_{i}")
+            gate = GateNU(t * fan_in, hidden_units=self.gate_hidden_units, scale=self.scale, dtype=self.dtype_policy,
+                          name=f"gate_nu_{i}")
             gate.build((None, gate_in))
             self.gates.append(gate)
             self.kernels.append(self.add_weight(name=f"kernel_{i}", shape=(t, fan_in, width),

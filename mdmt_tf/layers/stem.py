@@ -56,11 +56,13 @@ class STEMLayer(keras.layers.Layer):
         self.has_shared_gate = bool(shared_gate)
         t, n, s = self.num_tasks, self.num_task_experts, self.num_shared_experts
         self.num_experts = s + t * n
-        self.shared_experts = ExpertGroup(s, self.expert_units, name="shared_experts")
-        self.task_experts = ExpertGroup(t * n, self.expert_units, name="task_experts")
-        self.task_gates = [SoftmaxGate(self.num_experts, hidden_units=self.gate_units, name=f"gate_{i}")
+        self.shared_experts = ExpertGroup(s, self.expert_units, dtype=self.dtype_policy, name="shared_experts")
+        self.task_experts = ExpertGroup(t * n, self.expert_units, dtype=self.dtype_policy, name="task_experts")
+        self.task_gates = [SoftmaxGate(self.num_experts, hidden_units=self.gate_units, dtype=self.dtype_policy,
+                                       name=f"gate_{i}")
                            for i in range(t)]
-        self.shared_gate = (SoftmaxGate(self.num_experts, hidden_units=self.gate_units, name="shared_gate")
+        self.shared_gate = (SoftmaxGate(self.num_experts, hidden_units=self.gate_units, dtype=self.dtype_policy,
+                                        name="shared_gate")
                             if self.has_shared_gate else None)
         keep = np.zeros((t, self.num_experts), dtype="float32")
         keep[:, :s] = 1.0

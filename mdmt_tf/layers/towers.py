@@ -4,8 +4,15 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from mdmt_tf.layers._util import (check_norm, check_positive_int, check_units, clone_initializer, grouped_layer_norm,
-                                  register, select_by_domain)
+from mdmt_tf.layers._util import (
+    check_norm,
+    check_positive_int,
+    check_units,
+    clone_initializer,
+    grouped_layer_norm,
+    register,
+    select_by_domain,
+)
 from mdmt_tf.layers.initializers import GroupedGlorotUniform
 
 

@@ -1,9 +1,15 @@
 """MDMTModel: the base of every model.
 
+Precision: a model is built with a dtype policy (`build_model(..., dtype="mixed_bfloat16")`,
+default float32), never the global one: every sub-layer is created with
+`dtype=self.dtype_policy`, as keras-rs does, so two models of different precisions live
+side by side (a bfloat16 training model and its float32 evaluation copy).
+
 A model takes the feature dict the preprocessing front produces ({domain: int32 [B],
 sparse: int32 [B] each, dense: float32 [B] each}) and returns {task: probability
 [B, 1]}, each sample scored for its own domain. Subclasses implement `build_layers`
-and `forward`, which also returns details (logits, gate weights) for reports.
+and `forward`, which also returns the pass's Details (logits, gates, Gate NU scalings:
+mdmt_tf.models.details) for reports.
 
 Architecture variables (M3oE's alpha, beta, gate logits) are those listed by a layer's
 `architecture_weights`; `weight_variables` are all other trainable variables. The
@@ -11,11 +17,15 @@ bi-level trainer optimises the two sets with separate optimizers.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import keras
-import numpy as np
 from keras import ops
 
+from mdmt_tf.compat import sublayers
 from mdmt_tf.layers import FieldEmbedding
+from mdmt_tf.layers.records import ArchValue
+from mdmt_tf.models.details import Details
 from mdmt_tf.models.params import Params
 from mdmt_tf.models.schema import FeatureSchema
 
@@ -34,8 +44,8 @@ class MDMTModel(keras.Model):
     def build_layers(self) -> None:
         raise NotImplementedError
 
-    def forward(self, features, training=None) -> tuple[dict, dict]:
-        """-> ({task: probability [B, 1]}, details {name: tensor})."""
+    def forward(self, features, training=None) -> tuple[dict, Details]:
+        """-> ({task: probability [B, 1]}, the pass's Details: logits, gates, scalings)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ Keras API
@@ -44,21 +54,17 @@ class MDMTModel(keras.Model):
         return outputs
 
     def get_config(self):
-        return {"name": self.name, "schema": self.schema.to_dict(), "params": self.params.to_dict()}
+        return {"name": self.name, "schema": self.schema.to_dict(), "params": self.params.to_dict(),
+                "dtype": keras.dtype_policies.serialize(self.dtype_policy)}
 
     @classmethod
     def from_config(cls, config):
         return cls(**config)
 
     def copy_under(self, policy: str) -> "MDMTModel":
-        """This model with its weights, its layers built under the dtype `policy` ("float32"
-        to evaluate exactly, "bfloat16" for a bf16 export); the global policy is restored."""
-        previous = keras.mixed_precision.global_policy()
-        keras.mixed_precision.set_global_policy(policy)
-        try:
-            copy = type(self)(schema=self.schema, params=self.params, name=self.name)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
+        """This model with its weights, built under the dtype `policy` ("float32" to evaluate
+        exactly, "bfloat16" for a bf16 export)."""
+        copy = type(self)(schema=self.schema, params=self.params, name=self.name, dtype=policy)
         copy.set_weights(self.get_weights())
         return copy
 
@@ -70,7 +76,7 @@ class MDMTModel(keras.Model):
         p = self.params
         oov_fields = [f for f in (p.oov_fields or self.schema.sparse_names) if f in sizes]
         return FieldEmbedding(sizes, p.embedding_dim, l2=p.embedding_l2, oov_rate=p.oov_rate,
-                              oov_fields=oov_fields if p.oov_rate else (), name=name)
+                              oov_fields=oov_fields if p.oov_rate else (), dtype=self.dtype_policy, name=name)
 
     def make_task_embeddings(self, fields) -> None:
         """Task-specific tables (STEM): one per task over `fields` (() = every sparse field);
@@ -122,7 +128,7 @@ class MDMTModel(keras.Model):
     @property
     def architecture_variables(self) -> list:
         found, seen = [], set()
-        for layer in self._flatten_layers(include_self=False):
+        for layer in sublayers(self):
             for variable in getattr(layer, "architecture_weights", ()):
                 if id(variable) not in seen:
                     seen.add(id(variable))
@@ -134,19 +140,17 @@ class MDMTModel(keras.Model):
         arch = {id(v) for v in self.architecture_variables}
         return [v for v in self.trainable_variables if id(v) not in arch]
 
-    def explain(self, features) -> dict:
-        """Details of a forward pass on a batch, as numpy: logits, gate weights, and the
-        architecture values sigmoid(alpha), sigmoid(beta) where the model has them."""
+    def explain(self, features) -> Details:
+        """The Details of a forward pass on a batch, as NumPy (logits, gates, Gate NU
+        scalings...), with the model's architecture values (sigmoid(alpha), sigmoid(beta),
+        gate logits) where it has them."""
         _, details = self.forward(features, training=False)
-        out = {k: ops.convert_to_numpy(v) for k, v in details.items()}
-        out.update(self.architecture_values())
-        return out
+        return dataclasses.replace(details.numpy(), architecture=tuple(self.architecture_values()))
 
-    def architecture_values(self) -> dict:
-        """{variable path: sigmoid(value) for alpha/beta, raw for gate logits}."""
-        values = {}
-        for variable in self.architecture_variables:
-            raw = np.asarray(ops.convert_to_numpy(variable))
-            is_logit = "gate_logits" in variable.path
-            values[variable.path] = raw if is_logit else 1.0 / (1.0 + np.exp(-raw))
+    def architecture_values(self) -> list[ArchValue]:
+        """The architecture values of every layer that has them (alpha, beta, gate logits)."""
+        values = []
+        for layer in sublayers(self):
+            if hasattr(layer, "architecture_values"):
+                values.extend(layer.architecture_values())
         return values

@@ -11,10 +11,10 @@ import dataclasses
 from keras import layers, ops
 
 from mdmt_tf.errors import ConfigError
-from mdmt_tf.layers import (CGC, EPNet, ExpertGroup, MLP, PartitionedNorm, PPNetTowers, SoftmaxGate, StarFC,
-                            Towers, mix)
+from mdmt_tf.layers import CGC, MLP, EPNet, ExpertGroup, PartitionedNorm, PPNetTowers, SoftmaxGate, StarFC, Towers, mix
 from mdmt_tf.layers._util import register
 from mdmt_tf.models.base import MDMTModel
+from mdmt_tf.models.details import Details, Gate, Scaling
 from mdmt_tf.models.params import Params
 
 TOWERS_MAY_BE_EMPTY = Params.MAY_BE_EMPTY | {"tower_units"}
@@ -33,18 +33,20 @@ class SingleTaskMLP(MDMTModel):
     training each alone on its task."""
 
     Params = MLPParams
+    params: MLPParams
 
     def build_layers(self):
         p = self.params
         self.embeddings = [self.make_embedding(f"embedding_{t}") for t in self.schema.tasks]
-        self.mlps = [MLP(p.units, dropout=p.dropout, name=f"mlp_{t}") for t in self.schema.tasks]
-        self.heads = [layers.Dense(1, name=f"head_{t}") for t in self.schema.tasks]
+        self.mlps = [MLP(p.units, dropout=p.dropout, dtype=self.dtype_policy,
+                         name=f"mlp_{t}") for t in self.schema.tasks]
+        self.heads = [layers.Dense(1, dtype=self.dtype_policy, name=f"head_{t}") for t in self.schema.tasks]
 
     def forward(self, features, training=None):
         logits = [head(mlp(self.flat_inputs(emb(features, training=training), features), training=training))
                   for emb, mlp, head in zip(self.embeddings, self.mlps, self.heads)]
         logits = ops.concatenate(logits, axis=1)
-        return self.probabilities(logits), {"logits": logits}
+        return self.probabilities(logits), Details(logits)
 
 
 # ------------------------------------------------------------------- Shared-Bottom
@@ -60,17 +62,18 @@ class SharedBottom(MDMTModel):
     """Hard parameter sharing: one bottom MLP, one tower per task."""
 
     Params = SharedBottomParams
+    params: SharedBottomParams
 
     def build_layers(self):
         p = self.params
         self.embedding = self.make_embedding()
-        self.bottom = MLP(p.bottom_units, dropout=p.dropout, name="bottom")
-        self.towers = Towers(self.schema.num_tasks, p.tower_units, name="towers")
+        self.bottom = MLP(p.bottom_units, dropout=p.dropout, dtype=self.dtype_policy, name="bottom")
+        self.towers = Towers(self.schema.num_tasks, p.tower_units, dtype=self.dtype_policy, name="towers")
 
     def forward(self, features, training=None):
         x = self.flat_inputs(self.embedding(features, training=training), features)
         logits = self.towers(self.bottom(x, training=training))
-        return self.probabilities(logits), {"logits": logits}
+        return self.probabilities(logits), Details(logits)
 
 
 # ---------------------------------------------------------------------------- MMoE
@@ -88,19 +91,20 @@ class MMoE(MDMTModel):
     per task, a tower per task."""
 
     Params = MMoEParams
+    params: MMoEParams
 
     def build_layers(self):
         p = self.params
         self.embedding = self.make_embedding()
-        self.experts = ExpertGroup(p.num_experts, p.expert_units, name="experts")
-        self.gates = SoftmaxGate(p.num_experts, num_gates=self.schema.num_tasks, name="gates")
-        self.towers = Towers(self.schema.num_tasks, p.tower_units, name="towers")
+        self.experts = ExpertGroup(p.num_experts, p.expert_units, dtype=self.dtype_policy, name="experts")
+        self.gates = SoftmaxGate(p.num_experts, num_gates=self.schema.num_tasks, dtype=self.dtype_policy, name="gates")
+        self.towers = Towers(self.schema.num_tasks, p.tower_units, dtype=self.dtype_policy, name="towers")
 
     def forward(self, features, training=None):
         x = self.flat_inputs(self.embedding(features, training=training), features)
         weights = self.gates(x)
         logits = self.towers(mix(weights, self.experts(x)))
-        return self.probabilities(logits), {"logits": logits, "gates/tasks": weights}
+        return self.probabilities(logits), Details(logits, gates=(Gate("tasks", weights),))
 
 
 # ----------------------------------------------------------------------------- PLE
@@ -124,13 +128,15 @@ class PLE(MDMTModel):
     """Progressive layered extraction (Tang et al., RecSys 2020): stacked CGC levels."""
 
     Params = PLEParams
+    params: PLEParams
 
     def build_layers(self):
         p, t = self.params, self.schema.num_tasks
         self.embedding = self.make_embedding()
         self.levels = [CGC(t, p.num_task_experts, p.num_shared_experts, p.expert_units,
-                           last_level=i == p.num_levels - 1, name=f"cgc_{i}") for i in range(p.num_levels)]
-        self.towers = Towers(t, p.tower_units, name="towers")
+                           last_level=i == p.num_levels - 1, dtype=self.dtype_policy,
+                           name=f"cgc_{i}") for i in range(p.num_levels)]
+        self.towers = Towers(t, p.tower_units, dtype=self.dtype_policy, name="towers")
 
     def forward(self, features, training=None):
         x = self.flat_inputs(self.embedding(features, training=training), features)
@@ -139,7 +145,7 @@ class PLE(MDMTModel):
         for level in self.levels:
             task_x, shared_x, weights = level(task_x, shared_x)
         logits = self.towers(task_x)
-        return self.probabilities(logits), {"logits": logits, "gates/tasks": weights}
+        return self.probabilities(logits), Details(logits, gates=(Gate("tasks", weights),))
 
 
 # ---------------------------------------------------------------------------- STAR
@@ -160,16 +166,19 @@ class STAR(MDMTModel):
     per task, plus an auxiliary network on the domain indicator whose logit is added."""
 
     Params = STARParams
+    params: STARParams
 
     def build_layers(self):
         p, s = self.params, self.schema
         self.embedding = self.make_embedding(with_domain=False)
-        self.domain_embedding = layers.Embedding(s.num_domains, p.embedding_dim, name="domain_embedding")
-        self.norm = PartitionedNorm(s.num_domains, momentum=p.norm_momentum, name="partitioned_norm")
-        self.star_layers = [StarFC(s.num_domains, u, activation="relu", name=f"star_fc_{i}")
+        self.domain_embedding = layers.Embedding(s.num_domains, p.embedding_dim, dtype=self.dtype_policy,
+                                                 name="domain_embedding")
+        self.norm = PartitionedNorm(s.num_domains, momentum=p.norm_momentum, dtype=self.dtype_policy,
+                                    name="partitioned_norm")
+        self.star_layers = [StarFC(s.num_domains, u, activation="relu", dtype=self.dtype_policy, name=f"star_fc_{i}")
                             for i, u in enumerate(p.star_units)]
-        self.star_out = StarFC(s.num_domains, s.num_tasks, name="star_out")
-        self.aux = MLP(p.aux_units + (s.num_tasks,), activate_last=False, name="auxiliary")
+        self.star_out = StarFC(s.num_domains, s.num_tasks, dtype=self.dtype_policy, name="star_out")
+        self.aux = MLP(p.aux_units + (s.num_tasks,), activate_last=False, dtype=self.dtype_policy, name="auxiliary")
 
     def forward(self, features, training=None):
         domain = self.domain_index(features)
@@ -178,7 +187,7 @@ class STAR(MDMTModel):
         for layer in self.star_layers:
             h = layer(h, domain)
         logits = self.star_out(h, domain) + self.aux(self.domain_embedding(domain))
-        return self.probabilities(logits), {"logits": logits}
+        return self.probabilities(logits), Details(logits)
 
 
 # --------------------------------------------------------------------------- PEPNet
@@ -197,18 +206,21 @@ class PEPNet(MDMTModel):
     the general embeddings by a Gate NU of the domain embedding; PPNet scales every tower
     layer's input by a Gate NU of the prior (user / item id) embeddings.
 
-    Details: "gate_nu/epnet" [B, n_in] (EPNet's Gate NU per input unit) and "gate_nu/ppnet_<l>"
+    Details scalings: "epnet" [B, n_in] (EPNet's Gate NU per input unit) and "ppnet_<l>"
     [B, T, width_l] (PPNet's Gate NU of tower layer l's input), each in (0, gate_scale)."""
 
     Params = PEPNetParams
+    params: PEPNetParams
 
     def build_layers(self):
         p, s = self.params, self.schema
         self.prior = tuple(f for f in p.prior_fields if f in s.sparse_names) or s.sparse_names
         self.embedding = self.make_embedding(with_domain=False)
-        self.domain_embedding = layers.Embedding(s.num_domains, p.embedding_dim, name="domain_embedding")
-        self.epnet = EPNet(p.gate_hidden_units, p.gate_scale, name="epnet")
-        self.ppnet = PPNetTowers(s.num_tasks, p.tower_units, p.gate_hidden_units, p.gate_scale, name="ppnet")
+        self.domain_embedding = layers.Embedding(s.num_domains, p.embedding_dim, dtype=self.dtype_policy,
+                                                 name="domain_embedding")
+        self.epnet = EPNet(p.gate_hidden_units, p.gate_scale, dtype=self.dtype_policy, name="epnet")
+        self.ppnet = PPNetTowers(s.num_tasks, p.tower_units, p.gate_hidden_units, p.gate_scale,
+                                 dtype=self.dtype_policy, name="ppnet")
 
     def forward(self, features, training=None):
         embedded = self.embedding(features, training=training)
@@ -217,11 +229,9 @@ class PEPNet(MDMTModel):
         position = {f: i for i, f in enumerate(self.embedding.fields)}
         prior = ops.concatenate([embedded[:, position[f]] for f in self.prior], axis=-1)
         logits, pp_gates = self.ppnet(o_ep, prior, return_gates=True)
-        # Gate NU scalings, in (0, gate_scale); "gate_nu/", not "gates/": they scale units,
-        # they are not weights over experts (the gate-utilisation plot reads "gates/")
-        details = {"logits": logits, "gate_nu/epnet": ep_gate}
-        details.update({f"gate_nu/ppnet_{i}": delta for i, delta in enumerate(pp_gates)})
-        return self.probabilities(logits), details
+        # Gate NU scalings, in (0, gate_scale): they scale units, they are not weights over experts
+        scalings = (Scaling("epnet", ep_gate),) + tuple(Scaling(f"ppnet_{i}", d) for i, d in enumerate(pp_gates))
+        return self.probabilities(logits), Details(logits, scalings=scalings)
 
 
 # ---------------------------------------------------------------------------- ESMM
@@ -247,11 +257,12 @@ class ESMM(MDMTModel):
     them (see ESMMParams.allow_unnested)."""
 
     Params = ESMMParams
+    params: ESMMParams
     cascade = True  # outputs chain the tasks in spec order: training needs nested labels
 
     def build_layers(self):
         self.embedding = self.make_embedding()
-        self.towers = Towers(self.schema.num_tasks, self.params.tower_units, name="towers")
+        self.towers = Towers(self.schema.num_tasks, self.params.tower_units, dtype=self.dtype_policy, name="towers")
 
     def forward(self, features, training=None):
         x = self.flat_inputs(self.embedding(features, training=training), features)
@@ -261,4 +272,4 @@ class ESMM(MDMTModel):
         for i, task in enumerate(self.schema.tasks):
             running = conditional[:, i:i + 1] if running is None else running * conditional[:, i:i + 1]
             outputs[task] = running
-        return outputs, {"logits": logits, "conditional": conditional}
+        return outputs, Details(logits, extra={"conditional": conditional})

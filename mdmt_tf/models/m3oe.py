@@ -37,15 +37,27 @@ experts or embeddings. aftb_domains=True also stops gradients into other domains
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from keras import ops
 
 from mdmt_tf.errors import ConfigError
-from mdmt_tf.layers import (MLP, Amplitude, Balance, ExpertGroup, GateLogits, GroupedGlorotUniform, SoftmaxGate,
-                            StarFC, Towers, aftb_mix, mix)
-from mdmt_tf.layers._util import select_by_domain
-from mdmt_tf.layers._util import register
+from mdmt_tf.layers import (
+    MLP,
+    Amplitude,
+    Balance,
+    ExpertGroup,
+    GateLogits,
+    GroupedGlorotUniform,
+    SoftmaxGate,
+    StarFC,
+    Towers,
+    aftb_mix,
+    mix,
+)
+from mdmt_tf.layers._util import register, select_by_domain
 from mdmt_tf.models.base import MDMTModel
+from mdmt_tf.models.details import Details, Gate
 from mdmt_tf.models.params import Params
 
 
@@ -84,6 +96,7 @@ LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which the authors' co
 @register
 class M3oE(MDMTModel):
     Params = M3oEParams
+    params: M3oEParams
 
     def build_layers(self):
         s, p = self.schema, self.params
@@ -92,37 +105,46 @@ class M3oE(MDMTModel):
         self.embedding = self.make_embedding()
         eps = LAYER_NORM_EPSILON
         self.star = StarFC(d, p.bottom_units[0], kernel_initializer=GroupedGlorotUniform(),
-                           domain_kernel_initializer=GroupedGlorotUniform(), name="star_bottom")
-        self.bottom = MLP(p.bottom_units[1:], norm="layer", epsilon=eps, dropout=p.dropout, name="bottom")
-        self.skip = MLP(p.bottom_units[-1:], norm="layer", epsilon=eps, dropout=p.dropout, name="skip")
+                           domain_kernel_initializer=GroupedGlorotUniform(), dtype=self.dtype_policy,
+                           name="star_bottom")
+        self.bottom = MLP(p.bottom_units[1:], norm="layer", epsilon=eps, dropout=p.dropout, dtype=self.dtype_policy,
+                          name="bottom")
+        self.skip = MLP(p.bottom_units[-1:], norm="layer", epsilon=eps, dropout=p.dropout, dtype=self.dtype_policy,
+                        name="skip")
         n_s = p.num_shared_experts
         on_bottom = n_s + d + (0 if self.aftb else t)
-        self.experts = ExpertGroup(on_bottom, p.expert_units, norm="layer", epsilon=eps, name="experts")
+        self.experts = ExpertGroup(on_bottom, p.expert_units, norm="layer", epsilon=eps, dtype=self.dtype_policy,
+                                   name="experts")
         self.expert_slices = {"shared": slice(0, n_s), "domain": slice(n_s, n_s + d)}
         if self.aftb:  # on task embeddings: as deep as bottom + expert
             self.task_experts = ExpertGroup(t, p.bottom_units[-1:] + p.expert_units, norm="layer", epsilon=eps,
-                                            name="task_experts")
+                                            dtype=self.dtype_policy, name="task_experts")
         else:
             self.expert_slices["task"] = slice(n_s + d, n_s + d + t)
         self.expert_cuts = [part.stop for part in self.expert_slices.values()][:-1]  # where to split
+        self.gates: Any  # one SoftmaxGate over the shared experts, per-task AFTB gates, or GateLogits
         if self.aftb:
             self.make_task_embeddings(p.task_embedding_fields)
             num_experts = p.num_shared_experts + d + t
             if p.shared_gate == "network":
-                self.gates = [SoftmaxGate(num_experts, num_gates=d, name=f"aftb_gate_{i}") for i in range(t)]
+                self.gates = [SoftmaxGate(num_experts, num_gates=d, dtype=self.dtype_policy,
+                                          name=f"aftb_gate_{i}") for i in range(t)]
             else:
-                self.gates = GateLogits(num_experts, num_gates=d * t, name="aftb_gate_logits")
+                self.gates = GateLogits(num_experts, num_gates=d * t, dtype=self.dtype_policy, name="aftb_gate_logits")
         elif p.shared_gate == "network":
             self.gates = SoftmaxGate(p.num_shared_experts, num_gates=d * t, stop_gradient_input=p.gate_stop_gradient,
-                                     name="shared_gates")
+                                     dtype=self.dtype_policy, name="shared_gates")
         else:
-            self.gates = GateLogits(p.num_shared_experts, num_gates=d * t, name="shared_gate_logits")
-        self.domain_balance = Balance(d, p.arch_granularity, p.arch_init,
-                                      stop_gradient_others=self.aftb and p.aftb_domains, name="domain_balance")
-        self.task_balance = Balance(t, p.arch_granularity, p.arch_init, stop_gradient_others=self.aftb,
-                                    name="task_balance")
-        self.amplitude = Amplitude(d, t, p.arch_granularity, p.arch_init, name="amplitude")
-        self.towers = Towers(t, p.tower_units, num_domains=d, norm="layer", epsilon=eps, name="towers")
+            self.gates = GateLogits(p.num_shared_experts, num_gates=d * t, dtype=self.dtype_policy,
+                                    name="shared_gate_logits")
+        self.domain_balance = Balance(d, p.arch_granularity, p.arch_init, group="domain",
+                                      stop_gradient_others=self.aftb and p.aftb_domains, dtype=self.dtype_policy,
+                                      name="domain_balance")
+        self.task_balance = Balance(t, p.arch_granularity, p.arch_init, stop_gradient_others=self.aftb, group="task",
+                                    dtype=self.dtype_policy, name="task_balance")
+        self.amplitude = Amplitude(d, t, p.arch_granularity, p.arch_init, dtype=self.dtype_policy, name="amplitude")
+        self.towers = Towers(t, p.tower_units, num_domains=d, norm="layer", epsilon=eps, dtype=self.dtype_policy,
+                             name="towers")
 
     # ---------------------------------------------------------------------------
     def _bottom(self, x, domain, training):
@@ -180,4 +202,5 @@ class M3oE(MDMTModel):
         task_view = self.task_balance(tasks)
         fused = self.amplitude(shared_view, domain_view, task_view, domain)
         logits = self.towers(fused, domain)
-        return self.probabilities(logits), {"logits": logits, "gates/shared": weights}
+        gate = Gate("all_experts" if self.aftb else "shared", weights)
+        return self.probabilities(logits), Details(logits, gates=(gate,))

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from mdmt_tf.errors import ConfigError
-from mdmt_tf.models.baselines import ESMM, MMoE, PEPNet, PLE, STAR, SharedBottom, SingleTaskMLP
 from mdmt_tf.models.base import MDMTModel
+from mdmt_tf.models.baselines import ESMM, PLE, STAR, MMoE, PEPNet, SharedBottom, SingleTaskMLP
 from mdmt_tf.models.m3oe import M3oE
 from mdmt_tf.models.schema import FeatureSchema
 from mdmt_tf.models.stem import STEM
@@ -90,10 +90,13 @@ class ModelConfig:
         return cls.from_dict(data)
 
 
-def build_model(config: ModelConfig | str, schema: FeatureSchema, params: dict | None = None) -> MDMTModel:
-    """Build a registered model. `config` is a ModelConfig or a name (then `params`)."""
+def build_model(config: ModelConfig | str, schema: FeatureSchema, params: dict | None = None,
+                dtype: str | None = None) -> MDMTModel:
+    """Build a registered model. `config` is a ModelConfig or a name (then `params`); `dtype`
+    its dtype policy ("float32", the default, or "mixed_bfloat16", "bfloat16")."""
     if isinstance(config, str):
         config = ModelConfig(config, dict(params or {}))
     elif params:
         raise ConfigError("pass hyper-parameters inside the ModelConfig, not both")
-    return config.model_class(schema=schema, params=config.resolved_params(), name=config.name)
+    return config.model_class(schema=schema, params=config.resolved_params(), name=config.name,
+                              dtype=dtype or "float32")

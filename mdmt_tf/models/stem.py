@@ -36,6 +36,7 @@ import dataclasses
 from mdmt_tf.layers import STEMLayer, Towers
 from mdmt_tf.layers._util import register
 from mdmt_tf.models.base import MDMTModel
+from mdmt_tf.models.details import Details, Gate
 from mdmt_tf.models.params import Params
 
 
@@ -58,6 +59,7 @@ class STEMParams(Params):
 @register
 class STEM(MDMTModel):
     Params = STEMParams
+    params: STEMParams
 
     def build_layers(self):
         s, p = self.schema, self.params
@@ -66,9 +68,9 @@ class STEM(MDMTModel):
         self.stem_layers = [
             STEMLayer(s.num_tasks, p.num_task_experts, p.num_shared_experts, p.expert_units,
                       gate_units=p.gate_units, gate_input=p.gate_input, aftb=p.aftb,
-                      shared_gate=i < p.num_layers - 1, name=f"stem_{i}")
+                      shared_gate=i < p.num_layers - 1, dtype=self.dtype_policy, name=f"stem_{i}")
             for i in range(p.num_layers)]
-        self.towers = Towers(s.num_tasks, p.tower_units, name="towers")
+        self.towers = Towers(s.num_tasks, p.tower_units, dtype=self.dtype_policy, name="towers")
 
     @property
     def shared_experts(self):
@@ -87,4 +89,4 @@ class STEM(MDMTModel):
         for layer in self.stem_layers:
             x_tasks, x_shared, weights = layer(x_tasks, x_shared)
         logits = self.towers(x_tasks)
-        return self.probabilities(logits), {"logits": logits, "gates/tasks": weights}
+        return self.probabilities(logits), Details(logits, gates=(Gate("tasks", weights),))

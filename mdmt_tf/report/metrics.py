@@ -13,7 +13,6 @@ scalar, else {domain or task: float}.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -40,30 +39,28 @@ def _clean(value):
     return value
 
 
-def arch_summary(values: dict, domains, tasks) -> dict:
-    """{path: sigmoid values} of architecture_values() -> {"alpha": ..., "beta": ..., "gate_logits": ...}."""
-    out = {"alpha": None, "beta": None}
+def arch_summary(values, domains, tasks) -> dict:
+    """A model's ArchValues (MDMTModel.architecture_values) -> {"alpha": {"domain": ..., "task":
+    ...} | None, "beta": {...} | None, "gate_logits": {layer: [[...]]} (only with them)}."""
+    out: dict = {"alpha": None, "beta": None}
 
     def named(array, names):
         array = np.asarray(array).ravel()
         return float(array[0]) if array.size == 1 else {n: float(v) for n, v in zip(names, array)}
 
-    for path, value in values.items():
-        leaf, layer = path.split("/")[-1], path.split("/")[-2]
-        if leaf.startswith("alpha_"):
-            side = leaf[len("alpha_"):]
-            out["alpha"] = out["alpha"] or {}
-            out["alpha"][side] = named(value, domains if side == "domain" else tasks)
-        elif leaf == "beta":
-            side = "domain" if layer.startswith("domain") else "task"
-            out["beta"] = out["beta"] or {}
-            out["beta"][side] = named(value, domains if side == "domain" else tasks)
-        elif leaf == "gate_logits":
-            out.setdefault("gate_logits", {})[layer] = np.asarray(value).tolist()
+    for value in values:
+        if value.kind == "gate_logits":
+            out.setdefault("gate_logits", {})[value.group] = np.asarray(value.value).tolist()
+        else:
+            out[value.kind] = out[value.kind] or {}
+            out[value.kind][value.group] = named(value.value, domains if value.group == "domain" else tasks)
     return out
 
 
 def write_metrics(path: str | Path, payload: dict) -> dict:
+    """Write metrics.json (atomically) and return the payload as written."""
+    from mdmt_tf.files import write_json
+
     payload = _clean(payload)
-    Path(path).write_text(json.dumps(payload, indent=1))
+    write_json(path, payload)
     return payload

@@ -52,15 +52,16 @@ def training_curves(history: list[dict], path: Path) -> Path:
 
 
 def arch_trajectories(points: list[dict], path: Path) -> Path | None:
-    """alpha / beta (sigmoid) over training steps; one line per scalar or vector entry."""
-    keys = [k for k in (points[0] if points else {}) if k not in ("step", "epoch") and "gate_logits" not in k]
+    """alpha / beta (sigmoid) over training steps (ArchitectureTrajectory's points: "step",
+    "epoch" and one entry per ArchValue key, e.g. "alpha/domain"); one line per scalar or
+    vector entry."""
+    keys = [k for k in (points[0] if points else {}) if k not in ("step", "epoch")]
     if not keys:
         return None
     steps = [p["step"] for p in points]
     fig, ax = plt.subplots(figsize=(8, 4))
-    for key in keys:
-        values = np.array([np.ravel(p[key]) for p in points])
-        label = "/".join(key.split("/")[-2:])
+    for label in keys:
+        values = np.array([np.ravel(p[label]) for p in points])
         for i in range(values.shape[1]):
             ax.plot(steps, values[:, i], label=label if values.shape[1] == 1 else f"{label}[{i}]")
     ax.set_xlabel("training step")
@@ -79,7 +80,8 @@ def domain_means(values: np.ndarray, domain: np.ndarray, num_domains: int) -> np
 
 
 def gate_utilisation(gates: dict, domain: np.ndarray, domains, tasks, path: Path) -> Path | None:
-    """Mean gate weight per expert, per domain, one panel per gate set and task."""
+    """Mean gate weight per expert, per domain, one panel per gate set and task; gates:
+    {Gate.name: weights [B, G, E]} (mdmt_tf.models.details)."""
     panels = [(name, weights) for name, weights in gates.items() if np.ndim(weights) == 3]
     if not panels:
         return None
@@ -100,21 +102,22 @@ def gate_utilisation(gates: dict, domain: np.ndarray, domains, tasks, path: Path
             ax.set_xticks(range(grid.shape[1]))
             ax.set_yticks(range(len(domains)), domains)
             ax.set_xlabel("expert")
-            ax.set_title(f"{name.split('/')[-1]} gate, task {tasks[t] if t < len(tasks) else t}", fontsize=9)
+            ax.set_title(f"{name} gate, task {tasks[t] if t < len(tasks) else t}", fontsize=9)
     fig.suptitle("gate utilisation per domain (mean weight on each expert)")
     return _save(fig, path)
 
 
 def gate_nu(scalings: dict, domain: np.ndarray, domains, tasks, path: Path) -> Path | None:
-    """PEPNet's Gate NU scalings: mean per domain and unit, one panel per EPNet input
-    ([B, units]) and per PPNet layer and task ([B, tasks, units]); 1.0 leaves a unit as is."""
+    """PEPNet's Gate NU scalings ({Scaling.name: values}): mean per domain and unit, one panel
+    per EPNet input ([B, units]) and per PPNet layer and task ([B, tasks, units]); 1.0 leaves
+    a unit as is."""
     panels = []
     for name, values in scalings.items():
         values = np.asarray(values)
         if values.ndim == 2:
-            panels.append((name.split("/")[-1], values))
+            panels.append((name, values))
         elif values.ndim == 3:
-            panels.extend((f"{name.split('/')[-1]}, task {tasks[t] if t < len(tasks) else t}", values[:, t])
+            panels.extend((f"{name}, task {tasks[t] if t < len(tasks) else t}", values[:, t])
                           for t in range(values.shape[1]))
     if not panels:
         return None

@@ -2,13 +2,14 @@
 early stopping that survives an interruption (checkpoints and state on disk)."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
+from typing import Any, Callable
 
 import keras
 import numpy as np
 
+from mdmt_tf.files import read_json, write_json
 from mdmt_tf.training.evaluation import evaluate
 
 
@@ -36,18 +37,20 @@ class ValidationMetrics(keras.callbacks.Callback):
 
 
 class ArchitectureTrajectory(keras.callbacks.Callback):
-    """Records the model's architecture values (sigmoid(alpha), sigmoid(beta), gate
-    logits) at the start and after every `every_steps` training steps and every epoch."""
+    """Records the model's fusion weights (sigmoid(alpha), sigmoid(beta): ArchValues, by key
+    such as "alpha/domain") at the start and after every `every_steps` training steps and
+    every epoch."""
 
-    def __init__(self, model_fn, every_steps: int = 50):
+    def __init__(self, net, every_steps: int = 50):
         super().__init__()
-        self.model_fn, self.every_steps = model_fn, max(1, int(every_steps))
+        self.net, self.every_steps = net, max(1, int(every_steps))
         self.points: list[dict] = []  # {"step", "epoch", values...}
         self._step = 0
         self._epoch = 0
 
     def _record(self):
-        values = {k: np.asarray(v).tolist() for k, v in self.model_fn().architecture_values().items()}
+        values = {v.key: np.asarray(v.value).tolist() for v in self.net.architecture_values()
+                  if v.kind in ("alpha", "beta")}
         if values:
             self.points.append({"step": self._step, "epoch": self._epoch, **values})
 
@@ -94,8 +97,9 @@ class ResumableEarlyStopping(keras.callbacks.Callback):
         self.last = tf.train.CheckpointManager(checkpoint, str(self.directory / "last"), max_to_keep=1)
         self.best_manager = tf.train.CheckpointManager(checkpoint, str(self.directory / "best"), max_to_keep=1)
         self.monitor, self.patience = monitor, int(patience)
-        self.extra_state = extra_state or (lambda: {})
-        self.state = {"epoch": 0, "best": None, "best_epoch": None, "wait": 0, "history": [], "stopped_early": False}
+        self.extra_state: Callable[[], dict] = extra_state or dict
+        self.state: dict[str, Any] = {"epoch": 0, "best": None, "best_epoch": None, "wait": 0, "history": [],
+                                      "stopped_early": False}
 
     @property
     def state_file(self) -> Path:
@@ -105,7 +109,7 @@ class ResumableEarlyStopping(keras.callbacks.Callback):
         """Restore the last checkpoint and state if there is one; returns the state."""
         if not self.state_file.exists() or self.last.latest_checkpoint is None:
             return None
-        self.state = json.loads(self.state_file.read_text())
+        self.state = read_json(self.state_file)
         self.checkpoint.restore(self.last.latest_checkpoint).assert_existing_objects_matched()
         return self.state
 
@@ -130,9 +134,7 @@ class ResumableEarlyStopping(keras.callbacks.Callback):
 
     def _write_state(self):
         self.state.update(self.extra_state())
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1))
-        tmp.replace(self.state_file)
+        write_json(self.state_file, self.state)
 
     def restore_best(self) -> int | None:
         """Load the best checkpoint (if any); returns its epoch."""

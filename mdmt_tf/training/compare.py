@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from mdmt_tf.data.dataset import MDMTData
+from mdmt_tf.log import LOG
 from mdmt_tf.models import ModelConfig
+from mdmt_tf.training.config import TrainConfig
+from mdmt_tf.training.encoded import EncodedData
 from mdmt_tf.training.evaluation import auc_by_group, evaluate, relative_feedback_groups
-from mdmt_tf.training.fit import EncodedData, Run, TrainConfig
+from mdmt_tf.training.fit import Run
 
 POPULARITY = "popularity"
 
@@ -47,7 +50,7 @@ def cold_start_field(data: MDMTData, min_share: float = 0.05) -> str | None:
     """The sparse field with the largest share of test rows whose value never appears in
     training (a temporal split's new users, say), if that share is at least `min_share`."""
     shares = cold_start_shares(data)
-    field = max(shares, key=shares.get, default=None)
+    field = max(shares, key=lambda name: shares[name], default=None)
     return field if field is not None and shares[field] >= min_share else None
 
 
@@ -82,7 +85,7 @@ class Comparison:
         for model in self.models:
             for seed in range(self.seeds):
                 run_dir = self.out / "runs" / model.name / f"seed{seed}"
-                print(f"[compare] {model.name} seed {seed} -> {run_dir}", flush=True)
+                LOG.info("compare: %s seed %d -> %s", model.name, seed, run_dir)
                 payload = Run(model, encoded, dataclasses.replace(self.config, seed=seed), run_dir, source=self.source,
                               verbose=self.verbose, export=False, plots=False, save_predictions=True).run()
                 results.setdefault(model.name, []).append(payload["test"])
@@ -123,7 +126,7 @@ class Comparison:
     def _cold_start_auc(predictions: dict, labels: dict, domain, domains, tasks, field: str, unseen) -> dict:
         """Mean AUC over (domain, task) pairs on the test rows whose `field` was seen in
         training and on those whose was not, per model (mean, std over seeds)."""
-        out = {"field": field, "rows": {"seen": int((~unseen).sum()), "unseen": int(unseen.sum())}, "auc": {}}
+        out: dict = {"field": field, "rows": {"seen": int((~unseen).sum()), "unseen": int(unseen.sum())}, "auc": {}}
         for name, runs in predictions.items():
             out["auc"][name] = {
                 part: _summary([evaluate({t: p[t][rows] for t in tasks}, {t: labels[t][rows] for t in tasks},

@@ -69,7 +69,7 @@ def _mean(values, weights=None):
 def evaluate(probs: dict, labels: dict, domain: np.ndarray, domains: list[str], tasks: list[str]) -> dict:
     """probs / labels {task: [N] or [N, 1]}, domain [N] indices into `domains`."""
     domain = np.asarray(domain).ravel()
-    out = {"auc": {}, "logloss": {}, "count": {}, "positives": {}, "nonfinite_predictions": {}}
+    out: dict = {"auc": {}, "logloss": {}, "count": {}, "positives": {}, "nonfinite_predictions": {}}
     for d_index, d_name in enumerate(domains):
         rows = domain == d_index
         for task in tasks:

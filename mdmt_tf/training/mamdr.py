@@ -373,7 +373,7 @@ class MAMDRTrainer(keras.Model):
             variable.assign(value)
         loss = mdmt_loss(labels, outputs, features[self.net.schema.domain], self.net.schema.num_domains,
                          self.net.schema.tasks, self.task_weights, self.loss_reduction)
-        return loss + (ops.sum(ops.stack([ops.cast(l, "float32") for l in losses])) if losses else 0.0), loss
+        return loss + (ops.sum(ops.stack([ops.cast(term, "float32") for term in losses])) if losses else 0.0), loss
 
     def _step(self, optimizer, features, labels, variables, domain=None):
         """One optimizer step on `variables` with the loss at the model's values (+ theta_domain)."""
@@ -454,6 +454,10 @@ class MAMDRTrainer(keras.Model):
         self.outer_iterations.assign_add(ops.cast(control["last"], "int64"))
         self.epochs_done.assign_add(ops.cast(control["epoch_end"], "int64"))
         return {"loss": self.loss_tracker.result()}
+
+    def steps_taken(self) -> dict:
+        """{"outer": outer iterations (DN Reptile steps / DR rounds) so far}."""
+        return {"outer": int(ops.convert_to_numpy(self.outer_iterations))}
 
     def serving_model(self, net: MDMTModel | None = None) -> keras.Model:
         """The model to evaluate and export: theta + theta_d per sample with DR, else theta.

@@ -36,6 +36,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from mdmt_tf.compat import NoSymbolicBuild, in_multi_worker_mode
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.training.losses import bce, mdmt_loss
@@ -43,20 +44,15 @@ from mdmt_tf.training.losses import bce, mdmt_loss
 ARCH_MODES = ("bilevel", "joint", "fixed", "authors")
 
 
-def _multi_worker() -> bool:
-    strategy = tf.distribute.get_strategy()
-    return bool(getattr(strategy.extended, "_in_multi_worker_mode", lambda: False)())
-
-
 def step_logs(logs: dict) -> dict:
     """A train_step's logs. Across several workers Keras averages them along axis 0, which
     scalars lack: give them a length-1 axis there (it reduces back to a scalar)."""
-    if _multi_worker():
+    if in_multi_worker_mode():
         return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
     return logs
 
 
-class MDMTTrainer(keras.Model):
+class MDMTTrainer(NoSymbolicBuild, keras.Model):
     """Train `model` with the given arch_mode. Use like any Keras model:
 
         trainer = MDMTTrainer(model, arch_mode="bilevel", heldout=heldout_batches)
@@ -146,18 +142,12 @@ class MDMTTrainer(keras.Model):
         # the trainer applies its own optimizers; Keras' optimizer slot holds the weight one
         super().compile(optimizer=self.weight_optimizer, jit_compile=False, **kwargs)
 
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Keras builds compiled losses / metrics on a sample batch here, which under a
-        distribution strategy it first all-reduces (failing on a dict of int features).
-        This trainer has neither: its loss and trackers are its own."""
-        return
-
     def loss_of(self, features, labels, training=True):
         """(loss + regularisation, loss) on one batch."""
         probs = self.net(features, training=training)
         loss = mdmt_loss(labels, probs, features[self.net.schema.domain], self.net.schema.num_domains,
                          self.net.schema.tasks, self.task_weights, self.loss_reduction)
-        regularisation = (ops.sum(ops.stack([ops.cast(l, "float32") for l in self.net.losses]))
+        regularisation = (ops.sum(ops.stack([ops.cast(term, "float32") for term in self.net.losses]))
                           if self.net.losses else 0.0)
         return loss + regularisation, loss
 
@@ -190,6 +180,8 @@ class MDMTTrainer(keras.Model):
         return loss
 
     def _heldout_arch_step(self):
+        if self._heldout is None:  # only searching trainers take architecture steps, and they all have one
+            raise ValueError("MDMTTrainer: an architecture step needs the held-out stream")
         held_features, held_labels = self._heldout.get_next()
         return self._arch_step(held_features, held_labels)
 
@@ -207,6 +199,18 @@ class MDMTTrainer(keras.Model):
         loss = tf.cond(due, self._heldout_arch_step, lambda: tf.zeros(()))
         self.arch_steps.assign_add(ops.cast(due, "int64"))
         return loss, ops.cast(due, "float32")
+
+    def serving_model(self, net: MDMTModel | None = None) -> keras.Model:
+        """The model to evaluate and export: `net` (a copy of the trained model, e.g. in
+        float32) or the trained model itself."""
+        return self.net if net is None else net
+
+    def steps_taken(self) -> dict:
+        """{"weight": steps, "architecture": steps (only when searching)} so far."""
+        steps = {"weight": int(ops.convert_to_numpy(self.weight_steps))}
+        if self.searching:
+            steps["architecture"] = int(ops.convert_to_numpy(self.arch_steps))
+        return steps
 
     def train_step(self, data):
         features, labels = data

@@ -127,7 +127,7 @@ def read_split(files, transform_output_dir: str, spec: DatasetSpec, batch_size: 
 def encoded_from_artifacts(train_files, eval_files, transform_output_dir: str, spec: DatasetSpec):
     """EncodedData for the Trainer: train and eval splits (eval doubles as the run's test
     split; the Evaluator scores the held-out test split)."""
-    from mdmt_tf.training.fit import EncodedData
+    from mdmt_tf.training.encoded import EncodedData
 
     domains = domain_list(spec, transform_output_dir)
     train = read_split(train_files, transform_output_dir, spec)
@@ -150,7 +150,8 @@ def train_from_artifacts(*, train_files, eval_files, transform_output_dir: str, 
     Writes the run's checkpoints, metrics.json and plots to `run_dir`; returns the
     metrics.json payload.
     """
-    from mdmt_tf.training.fit import Run, TrainConfig
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.fit import Run
 
     dataset_spec = DatasetSpec.from_dict(spec)
     model_config = ModelConfig.from_dict(model)

@@ -18,6 +18,7 @@ train.arch_learning_rate, train.arch_mode). `split_values` turns a tuner's value
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import keras
 import keras_tuner as kt
@@ -176,23 +177,24 @@ class MDMTHyperModel(kt.HyperModel):
         return ModelConfig(self.model_name, params), train
 
     def build(self, hp):
-        from mdmt_tf.training.fit import plain_trainer
+        from mdmt_tf.training.factory import make_trainer
+        from mdmt_tf.training.runtime import resolve_precision
 
         self.declare(hp)
         model_config, train = self.config_for(hp.values)
         c, enc = self.train_config, self.encoded
         keras.utils.set_random_seed(c.seed)  # as `mdmt train --seed`: a trial is reproducible from its values
-        model = build_model(model_config, enc.schema)
+        model = build_model(model_config, enc.schema, dtype=resolve_precision(c.precision))
         # the trainer `mdmt train` builds (held-out architecture batches included), with the trial's values;
         # its training batches are kept for fit(), which Keras Tuner calls next with this trainer
-        trainer, self._train_batches = plain_trainer(
-            model, enc, c, c.seed, learning_rate=train.get("learning_rate"),
-            arch_learning_rate=train.get("arch_learning_rate"), arch_mode=train.get("arch_mode"))
-        trainer.compile()
-        return trainer
+        setup = make_trainer(model, enc, c, c.seed, learning_rate=train.get("learning_rate"),
+                             arch_learning_rate=train.get("arch_learning_rate"), arch_mode=train.get("arch_mode"))
+        self._train_batches = setup.train
+        setup.trainer.compile()
+        return setup.trainer
 
     def fit(self, hp, model, *args, callbacks=None, epochs=None, initial_epoch=0, **kwargs):
-        from mdmt_tf.training.fit import predictor
+        from mdmt_tf.training.predict import predictor
 
         c, enc = self.train_config, self.encoded
         validation = ValidationMetrics(predictor(model.net, c.eval_batch_size), enc.features["val"],
@@ -206,7 +208,7 @@ class MDMTHyperModel(kt.HyperModel):
         return history
 
 
-def check_objective(logs: dict, results: list[dict] = ()) -> None:
+def check_objective(logs: dict, results: Sequence[dict] = ()) -> None:
     """logs: the History's {name: [per epoch]}; results: ValidationMetrics.results (why it is NaN)."""
     if OBJECTIVE not in logs:
         raise ConfigError(f"the objective {OBJECTIVE} was never logged; logged: {sorted(logs)}")

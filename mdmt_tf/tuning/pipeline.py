@@ -1,8 +1,10 @@
 """The pipeline Tuner's side of tuning: a tuner over the pipeline's artifacts (TFX tuner_fn)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from mdmt_tf.spec import DatasetSpec
-from mdmt_tf.training.fit import TrainConfig
+from mdmt_tf.training.config import TrainConfig
 from mdmt_tf.training.transformed import encoded_from_artifacts
 from mdmt_tf.tuning.hypermodel import MDMTHyperModel
 from mdmt_tf.tuning.search import make_tuner
@@ -19,6 +21,6 @@ def tuner_for_artifacts(*, train_files, eval_files, transform_output_dir: str, w
     hypermodel = MDMTHyperModel(model["name"], encoded, config, fixed=tune.get("fixed"))
     kind = tune.get("tuner", "random")
     max_trials = tune.get("max_trials", None if kind == "hyperband" else 3)
-    tuner = make_tuner(hypermodel, kind, working_dir, None if max_trials is None else int(max_trials),
+    tuner = make_tuner(hypermodel, kind, Path(working_dir), None if max_trials is None else int(max_trials),
                        int(tune.get("seed", 0)), overwrite=True, max_epochs=config.epochs)
     return tuner, {}

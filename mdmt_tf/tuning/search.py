@@ -36,7 +36,9 @@ from pathlib import Path
 import keras_tuner as kt
 import yaml
 
+from mdmt_tf.compat import hyperband_iteration_trials, keras_tuner_debug
 from mdmt_tf.errors import ConfigError
+from mdmt_tf.log import LOG
 from mdmt_tf.tuning.hypermodel import OBJECTIVE, MDMTHyperModel, split_values
 
 TUNERS = ("random", "bayesian", "hyperband")
@@ -61,8 +63,7 @@ def hyperband_schedule(max_epochs: int, factor: int = HYPERBAND_FACTOR) -> int:
         raise ConfigError(f"hyperband needs epochs >= 1 per trial, got {max_epochs}")
     oracle = kt.oracles.HyperbandOracle(objective=kt.Objective(OBJECTIVE, direction="max"), max_epochs=max_epochs,
                                         factor=factor)
-    return sum(oracle._get_size(bracket, r) for bracket in range(oracle._get_num_brackets())
-               for r in range(oracle._get_num_rounds(bracket)))
+    return hyperband_iteration_trials(oracle)
 
 
 def trial_budget(kind: str, max_trials: int | None, max_epochs: int) -> int:
@@ -73,7 +74,7 @@ def trial_budget(kind: str, max_trials: int | None, max_epochs: int) -> int:
     return max_trials or DEFAULT_MAX_TRIALS
 
 
-class _TrialLog:
+class _TrialLog(kt.Tuner):
     """Appends `trial_id,status` to <search dir>/trial_log/<tuner id>.csv as each trial this
     process ran ends, before the oracle hears of it (so the chief's report sees every line)."""
 
@@ -84,7 +85,7 @@ class _TrialLog:
             fh.write(f"{trial.trial_id},{trial.status}\n")
         if str(trial.status) in ("INVALID", "FAILED"):  # one line; the traceback stays in the trial's trial.json
             lines = (trial.message or "").strip().splitlines()
-            print(f"trial {trial.trial_id} failed: {lines[-1] if lines else trial.status}")
+            LOG.info("trial %s failed: %s", trial.trial_id, lines[-1] if lines else trial.status)
         super().on_trial_end(trial)
 
 
@@ -231,21 +232,13 @@ def run_search(model_name: str, encoded, train_config, out_dir, kind: str = "ran
 
     max_trials: see make_tuner (None: 10 trials for random / bayesian, hyperband's whole schedule).
     Raises ConfigError when no trial completed (e.g. every trial failed), after writing trials.csv/md."""
-    import keras
-    from keras_tuner.src import config as kt_config
-
-    from mdmt_tf.training.fit import resolve_precision
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if overwrite and not _is_worker():
         shutil.rmtree(out / TRIAL_LOG, ignore_errors=True)
     hypermodel = MDMTHyperModel(model_name, encoded, train_config, fixed=fixed, verbose=verbose)
-    previous, debug = keras.mixed_precision.global_policy(), kt_config.DEBUG
-    keras.mixed_precision.set_global_policy(resolve_precision(train_config.precision))
-    kt_config.DEBUG = bool(verbose)  # Keras Tuner prints a failed trial's traceback only when verbose
     stopped = False
-    try:
+    with keras_tuner_debug(bool(verbose)):  # a failed trial's traceback only when verbose
         tuner = make_tuner(hypermodel, kind, out, max_trials, seed, overwrite, max_epochs=train_config.epochs)
         try:
             tuner.search()
@@ -253,9 +246,6 @@ def run_search(model_name: str, encoded, train_config, out_dir, kind: str = "ran
             if "consecutive failures" not in str(err) or _is_worker():
                 raise
             stopped = True
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-        kt_config.DEBUG = debug
     if _is_worker():
         return None  # a worker: the chief reports
     return write_report(tuner, hypermodel, out, stopped=stopped)

@@ -39,7 +39,7 @@ def test_timed_fit_clocks_only_the_steps_after_the_warm_up(small_data):
     from mdmt_tf.bench.train import timed_fit
     from mdmt_tf.data.dataset import make_dataset
     from mdmt_tf.models import build_model
-    from mdmt_tf.training.fit import EncodedData
+    from mdmt_tf.training.encoded import EncodedData
     from mdmt_tf.training.trainer import MDMTTrainer
 
     keras.utils.set_random_seed(0)
@@ -65,7 +65,7 @@ def test_run_one_reports_consistent_figures(precision):
     assert ("infer_bf16_export_examples_per_second" in r) == (precision == "mixed_bfloat16")
     import keras
 
-    assert keras.mixed_precision.global_policy().name == "float32"  # restored for whatever runs next
+    assert keras.mixed_precision.global_policy().name == "float32"  # the model had its own policy
     # a training step is the forward pass plus a backward of about twice its products
     assert 2.5 * r["forward_flops_per_batch"] < r["train_flops_per_step"] < 3.5 * r["forward_flops_per_batch"]
     assert r["train_examples_per_second"] == pytest.approx(

@@ -90,18 +90,21 @@ def test_csv_error_names_the_line_of_train_csv(csv_dir):
     check_cascade(ModelConfig("mmoe"), spec.tasks, labels, data)
 
 
-def test_allow_unnested_reports_one_line(small_data, capsys):
+def test_allow_unnested_reports_one_line(small_data, caplog):
     labels = {t: v.copy() for t, v in small_data.labels("train").items()}
     tasks = small_data.spec.tasks
     config = ModelConfig("esmm", {"allow_unnested": True})
-    check_cascade(config, tasks, labels, small_data)  # the synthetic labels are nested
-    assert capsys.readouterr().err == ""
+    with caplog.at_level("INFO", logger="mdmt_tf"):
+        check_cascade(config, tasks, labels, small_data)  # the synthetic labels are nested
+    assert caplog.records == []
     clicked = np.flatnonzero(labels["click"] == 0)[:3]
     labels["like"][clicked] = 1
-    check_cascade(config, tasks, labels, small_data)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "[mdmt] esmm: the training labels are not nested: 3 of" in err
-    assert "(like=1 but click=0: 3)" in err
+    with caplog.at_level("INFO", logger="mdmt_tf"):
+        check_cascade(config, tasks, labels, small_data)
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and record.getMessage().startswith(
+        "esmm: the training labels are not nested: 3 of")
+    assert "(like=1 but click=0: 3)" in record.getMessage()
     with pytest.raises(DataError):
         check_cascade(ModelConfig("esmm"), tasks, labels, small_data)
 

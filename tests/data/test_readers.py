@@ -4,9 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mdmt_tf.data.readers import (read_csv, read_csv_file, read_tfrecord, write_csv,
-                                  write_tfrecord)
 from mdmt_tf.data.dataset import MDMTData
+from mdmt_tf.data.readers import read_csv, read_csv_file, read_tfrecord, write_csv, write_tfrecord
 from mdmt_tf.data.table import ROW
 from mdmt_tf.errors import DataError
 

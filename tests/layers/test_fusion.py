@@ -208,3 +208,25 @@ def test_validation(cls, kwargs, fragments):
         cls(**kwargs)
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_layers_report_their_architecture_values_as_records():
+    """Balance, Amplitude and GateLogits say what their variables are (kind, group) and give
+    the value the model applies: sigmoid(raw) for alpha / beta, raw gate logits."""
+    from mdmt_tf.layers import GateLogits
+
+    balance = Balance(num_groups=3, granularity="vector", initial=0.5, group="task")
+    balance.build()
+    (beta,) = balance.architecture_values()
+    assert (beta.kind, beta.group, beta.key) == ("beta", "task", "beta/task")
+    np.testing.assert_allclose(beta.value, np.full(3, 1 / (1 + np.exp(-0.5))), rtol=1e-7)
+    amplitude = Amplitude(num_domains=2, num_tasks=2, initial=-1.0)
+    amplitude.build()
+    assert [(v.kind, v.group) for v in amplitude.architecture_values()] == [("alpha", "domain"), ("alpha", "task")]
+    np.testing.assert_allclose(amplitude.architecture_values()[0].value, [1 / (1 + np.exp(1.0))], rtol=1e-7)
+    gates = GateLogits(num_experts=4, num_gates=2, initializer="ones", name="gl")
+    gates.build()
+    (logits,) = gates.architecture_values()
+    assert (logits.kind, logits.group) == ("gate_logits", "gl") and np.array_equal(logits.value, np.ones((2, 4)))
+    with pytest.raises(ValueError, match="`group` must be one of"):
+        Balance(num_groups=2, group="user")

@@ -122,15 +122,10 @@ def test_partitioned_norm_keeps_float32_statistics_under_a_bfloat16_policy():
     reference = _random_norm(rng)
     x = rng.normal(size=(6, 4)).astype("float32")
     domain = np.array([0, 1, 2, 2, 1, 0])
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("bfloat16")
-    try:
-        layer = PartitionedNorm(3, momentum=0.9, epsilon=EPS)
-        layer.build((None, 4))
-        layer.set_weights(reference.get_weights())
-        out = layer(keras.ops.cast(x, "bfloat16"), domain)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    layer = PartitionedNorm(3, momentum=0.9, epsilon=EPS, dtype="bfloat16")
+    layer.build((None, 4))
+    layer.set_weights(reference.get_weights())
+    out = layer(keras.ops.cast(x, "bfloat16"), domain)
     assert {w.dtype for w in layer.weights} == {"float32"}
     assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"
     expected = np_(reference(x, domain))

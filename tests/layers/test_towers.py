@@ -32,7 +32,8 @@ def test_golden_rank3_task_reads_its_slice():
 
 
 def test_linear_head():
-    towers = Towers(num_tasks=1, units=(), kernel_initializer="ones", bias_initializer=keras.initializers.Constant(-7.0))
+    towers = Towers(num_tasks=1, units=(), kernel_initializer="ones",
+                    bias_initializer=keras.initializers.Constant(-7.0))
     # 1 + 2 + 3 - 7 = -1, no activation on the logit
     np.testing.assert_allclose(np_(towers(np.array([[1.0, 2.0, 3.0]], "float32"))), [[-1.0]], rtol=RTOL)
     assert len(towers.kernels) == 1

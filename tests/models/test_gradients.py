@@ -10,7 +10,6 @@ import pytest
 import tensorflow as tf
 
 from mdmt_tf.models import build_model
-
 from tests.models.conftest import take
 
 
@@ -91,13 +90,13 @@ def test_m3oe_gate_reads_stop_gradient_bottom(name, stop, encoded, batch):
     keras.utils.set_random_seed(3)
     model = build_model(name, schema, {"gate_stop_gradient": stop})
     features, _ = batch
-    bottom_vars = model.bottom.trainable_variables + model.star.trainable_variables
+    bottom_vars = model.bottom.trainable_variables + model.skip.trainable_variables + model.star.trainable_variables
     # m3oe_aftb's gates also read the task inputs: those still train through the gates
     table = [model.task_embeddings[0].embeddings] if name == "m3oe_aftb" else []
     with tf.GradientTape() as tape:
         _, details = model.forward(features, training=True)
-        gate_sum = tf.reduce_sum(details["gates/shared"] * tf.random.stateless_uniform(
-            tf.shape(details["gates/shared"]), seed=(1, 2)))
+        weights = details.gates[0].weights
+        gate_sum = tf.reduce_sum(weights * tf.random.stateless_uniform(tf.shape(weights), seed=(1, 2)))
     variables = bottom_vars + table
     grads = [_dense(g, v) for g, v in zip(tape.gradient(gate_sum, variables), variables)]
     total = sum(np.abs(g).sum() for g in grads[:len(bottom_vars)])

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mdmt_tf.compat import sublayers
 from mdmt_tf.data.dataset import make_dataset
 from mdmt_tf.models import build_model, model_names
-
 from tests.models.conftest import take
 
 ALL = model_names()
@@ -156,7 +156,8 @@ def test_esmm_is_a_cascade(encoded):
     out = model(features)
     details = model.explain(features)
     click, like = np.asarray(out["click"])[:, 0], np.asarray(out["like"])[:, 0]
-    np.testing.assert_allclose(like, details["conditional"][:, 0] * details["conditional"][:, 1], rtol=1e-6)
+    conditional = details.extra["conditional"]
+    np.testing.assert_allclose(like, conditional[:, 0] * conditional[:, 1], rtol=1e-6)
     assert (like <= click).all()
 
 
@@ -179,15 +180,34 @@ def test_a_training_step_under_mixed_bfloat16(name, encoded):
     """Every layer works with the mixed_bfloat16 policy `--precision auto` picks on bf16 CPUs."""
     schema, splits = encoded
     features, labels = take(*splits["train"], range(64))
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        model = _small(name, schema)
-        with tf.GradientTape() as tape:
-            loss = _bce(model, features, labels, training=True)
-        grads = tape.gradient(loss, model.trainable_variables)
-        assert np.isfinite(float(loss)) and any(g is not None for g in grads)
-        out = model(features, training=False)
-        assert all(np.asarray(v).dtype == np.float32 for v in out.values())
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    keras.utils.set_random_seed(0)
+    model = build_model(name, schema, dtype="mixed_bfloat16")
+    with tf.GradientTape() as tape:
+        loss = _bce(model, features, labels, training=True)
+    grads = tape.gradient(loss, model.trainable_variables)
+    assert np.isfinite(float(loss)) and any(g is not None for g in grads)
+    out = model(features, training=False)
+    assert all(np.asarray(v).dtype == np.float32 for v in out.values())
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_model_carries_its_own_dtype_policy_into_every_layer(name, encoded):
+    """Models are built with a policy, not the global one: every sub-layer (and theirs) has
+    the model's policy, the global policy is untouched, and a float32 model built right after
+    is float32 throughout; save/reload keeps the policy."""
+    schema, splits = encoded
+    features, _ = take(*splits["test"], range(8))
+    keras.utils.set_random_seed(0)
+    model = build_model(name, schema, dtype="mixed_bfloat16")
+    plain = build_model(name, schema)
+    assert keras.mixed_precision.global_policy().name == "float32"
+    for built, policy in ((model, "mixed_bfloat16"), (plain, "float32")):
+        layers = [built, *sublayers(built)]
+        assert len(layers) >= 3  # the model and at least two of its layers
+        wrong = {layer.name: layer.dtype_policy.name for layer in layers if layer.dtype_policy.name != policy}
+        assert not wrong, f"{name} ({policy}): sub-layers with another policy: {wrong}"
+    copy = model.copy_under("float32")
+    assert {layer.dtype_policy.name for layer in [copy, *sublayers(copy)]} == {"float32"}
+    np.testing.assert_allclose(np.asarray(copy(features)[schema.tasks[0]]),
+                               np.asarray(model(features)[schema.tasks[0]]), atol=0.05)
+    assert type(model).from_config(model.get_config()).dtype_policy.name == "mixed_bfloat16"

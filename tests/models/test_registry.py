@@ -107,44 +107,44 @@ def test_m3oe_architecture_variables_and_explain(granularity, encoded):
 
     features, _ = take(*splits["test"], range(20))
     details = model.explain(features)
-    gates = details["gates/shared"]
+    gates = details.gate("shared").weights
     assert gates.shape == (20, schema.num_tasks, 4)
     assert abs(gates.sum(-1) - 1).max() < 1e-5
-    assert abs(details["m3oe/amplitude/alpha_task"] - 0.7310586).max() < 1e-6  # sigmoid(1)
+    values = {v.key: v.value for v in details.architecture}
+    assert sorted(values) == ["alpha/domain", "alpha/task", "beta/domain", "beta/task"]
+    assert abs(values["alpha/task"] - 0.7310586).max() < 1e-6 and values["alpha/task"].shape == (size[1],)
 
 
 def test_gate_logits_are_architecture_variables(encoded):
     schema, _ = encoded
     model = build_model("m3oe", schema, {"shared_gate": "logits"})
-    paths = [v.path for v in model.architecture_variables]
-    assert any("gate_logits" in p for p in paths) and len(paths) == 5
-
-
-ARCH_KEYS = ["amplitude/alpha_domain", "amplitude/alpha_task", "domain_balance/beta", "task_balance/beta"]
+    assert len(model.architecture_variables) == 5
+    logits = [v for v in model.architecture_values() if v.kind == "gate_logits"]
+    assert len(logits) == 1 and logits[0].group == "shared_gate_logits"
+    assert logits[0].value.shape == (schema.num_domains * schema.num_tasks, 4) and (logits[0].value == 0).all()
 
 
 def _expected_explain_shapes(name, model, schema, n):
-    """{key: shape} `explain` must return for a batch of n rows of the synthetic schema."""
+    """{(field, name): shape} of the Details `explain` must return for a batch of n rows."""
     d, t, p = schema.num_domains, schema.num_tasks, model.params
     n_in = len(schema.sparse) * p.embedding_dim + len(schema.dense)  # STAR, PEPNet: domain not a field
-    shapes = {"logits": (n, t)}
-    if name in ("m3oe", "m3oe_aftb"):
-        experts = p.num_shared_experts + (d + t if name == "m3oe_aftb" else 0)
-        shapes["gates/shared"] = (n, t, experts)
-        arch_shape = {"alpha_domain": (1,), "alpha_task": (1,), "beta": (1,)}
-        shapes.update({f"{name}/{k}": arch_shape[k.rsplit("/", 1)[1]] for k in ARCH_KEYS})
+    shapes = {("logits", ""): (n, t)}
+    if name == "m3oe":
+        shapes[("gates", "shared")] = (n, t, p.num_shared_experts)
+    elif name == "m3oe_aftb":
+        shapes[("gates", "all_experts")] = (n, t, p.num_shared_experts + d + t)
     elif name == "stem":
-        shapes["gates/tasks"] = (n, t, p.num_shared_experts + t * p.num_task_experts)
+        shapes[("gates", "tasks")] = (n, t, p.num_shared_experts + t * p.num_task_experts)
     elif name == "mmoe":
-        shapes["gates/tasks"] = (n, t, p.num_experts)
+        shapes[("gates", "tasks")] = (n, t, p.num_experts)
     elif name == "ple":
-        shapes["gates/tasks"] = (n, t, p.num_task_experts + p.num_shared_experts)
+        shapes[("gates", "tasks")] = (n, t, p.num_task_experts + p.num_shared_experts)
     elif name == "pepnet":
-        shapes["gate_nu/epnet"] = (n, n_in)
+        shapes[("scalings", "epnet")] = (n, n_in)
         for i, width in enumerate((n_in,) + p.tower_units):
-            shapes[f"gate_nu/ppnet_{i}"] = (n, t, width)
+            shapes[("scalings", f"ppnet_{i}")] = (n, t, width)
     elif name == "esmm":
-        shapes["conditional"] = (n, t)
+        shapes[("extra", "conditional")] = (n, t)
     else:
         assert name in ("mlp", "shared_bottom", "star"), f"{name}: add its explain keys here"
     return shapes
@@ -158,30 +158,30 @@ def test_explain_reports_every_model(name, encoded):
     features, _ = take(*splits["test"], range(20))
     model = build_model(name, schema)
     details = model.explain(features)
+    arrays = details.arrays()
     expected = _expected_explain_shapes(name, model, schema, 20)
-    assert sorted(details) == sorted(expected)
+    assert sorted(arrays) == sorted(expected)
     for key, shape in expected.items():
-        assert isinstance(details[key], np.ndarray) and details[key].shape == shape, (key, details[key].shape)
-        assert np.isfinite(details[key]).all(), key
+        assert isinstance(arrays[key], np.ndarray) and arrays[key].shape == shape, (key, arrays[key].shape)
+        assert np.isfinite(arrays[key]).all(), key
     # the reported logits are the ones the model scores with (ESMM: its conditionals cascade)
     out = model(features)
     if name != "esmm":
         for i, task in enumerate(schema.tasks):
-            np.testing.assert_allclose(1 / (1 + np.exp(-details["logits"][:, i])), np.asarray(out[task])[:, 0],
+            np.testing.assert_allclose(1 / (1 + np.exp(-details.logits[:, i])), np.asarray(out[task])[:, 0],
                                        rtol=1e-5, atol=1e-6)
-    for key, value in details.items():
-        if key.startswith("gates/"):  # softmax gates: a distribution over experts per sample and task
-            assert (value >= 0).all() and np.abs(value.sum(-1) - 1).max() < 1e-5, key
-        if key.startswith("gate_nu/"):  # PEPNet's Gate NU: gate_scale * sigmoid, per sample and unit
-            assert ((value > 0) & (value < model.params.gate_scale)).all(), key
-            assert value.std(axis=0).max() > 0, f"{key} must vary across samples"
-    arch = [k for k in details if "alpha" in k or "beta" in k]
+    for gate in details.gates:  # softmax gates: a distribution over experts per sample and task
+        assert (gate.weights >= 0).all() and np.abs(gate.weights.sum(-1) - 1).max() < 1e-5, gate.name
+    for scaling in details.scalings:  # PEPNet's Gate NU: gate_scale * sigmoid, per sample and unit
+        assert ((scaling.values > 0) & (scaling.values < model.params.gate_scale)).all(), scaling.name
+        assert scaling.values.std(axis=0).max() > 0, f"{scaling.name} must vary across samples"
     if name in ("m3oe", "m3oe_aftb"):
-        assert len(arch) == 4
-        for key in arch:  # sigmoid of the raw value, arch_init 1 -> sigmoid(1)
-            np.testing.assert_allclose(details[key], 1 / (1 + np.exp(-1.0)), rtol=1e-6)
+        assert sorted(v.key for v in details.architecture) == ["alpha/domain", "alpha/task", "beta/domain",
+                                                               "beta/task"]
+        for value in details.architecture:  # sigmoid of the raw value, arch_init 1 -> sigmoid(1)
+            np.testing.assert_allclose(value.value, 1 / (1 + np.exp(-1.0)), rtol=1e-6)
     else:
-        assert arch == []
+        assert details.architecture == ()
 
 
 def test_pepnet_explain_reports_the_gates_it_applies(encoded):
@@ -198,6 +198,6 @@ def test_pepnet_explain_reports_the_gates_it_applies(encoded):
         gate.out.bias.assign(np.full(gate.out.bias.shape, 0.5 * i - 0.5, "float32"))
     details = model.explain(features)
     want = [3.0 / (1 + np.exp(-(0.5 * i - 0.5))) for i in range(len(gates))]
-    np.testing.assert_allclose(details["gate_nu/epnet"], want[0], rtol=1e-6)
+    np.testing.assert_allclose(details.scaling("epnet").values, want[0], rtol=1e-6)
     for i in range(len(gates) - 1):
-        np.testing.assert_allclose(details[f"gate_nu/ppnet_{i}"], want[i + 1], rtol=1e-6)
+        np.testing.assert_allclose(details.scaling(f"ppnet_{i}").values, want[i + 1], rtol=1e-6)

@@ -8,7 +8,6 @@ import tensorflow as tf
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.layers import STEMLayer
 from mdmt_tf.models import ModelConfig, build_model
-
 from tests.models.conftest import take
 
 TINY = {"embedding_dim": 4, "expert_units": [8, 5], "tower_units": [3], "gate_units": [6, 4],
@@ -99,8 +98,8 @@ def test_forward_matches_a_numpy_restatement(num_layers, encoded):
     logits, gates = _reference(model, features)
     assert 0.2 < logits.std() and np.abs(logits).max() < 12  # probabilities away from 0 and 1
     out, details = model.forward(features, training=False)
-    np.testing.assert_allclose(np.asarray(details["logits"]), logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(details["gates/tasks"]), gates, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(details.logits), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(details.gate("tasks").weights), gates, rtol=1e-5, atol=1e-6)
     for i, task in enumerate(schema.tasks):
         probability = np.asarray(out[task])
         assert probability.dtype == np.float32 and probability.shape == (64, 1)
@@ -219,7 +218,7 @@ def test_gate_input_width(gate_input, factor, gate_units, encoded):
     assert model.stem_layers[1].shared_gate is None
     features, _ = take(*splits["test"], range(16))
     details = model.explain(features)
-    assert details["gates/tasks"].shape == (16, schema.num_tasks, e)
+    assert details.gate("tasks").weights.shape == (16, schema.num_tasks, e)
 
 
 def test_stem_layer_checks_and_config():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from mdmt_tf.data.dataset import make_dataset
-from mdmt_tf.training.fit import EncodedData
+from mdmt_tf.training.encoded import EncodedData
 
 
 @pytest.fixture(scope="package")

@@ -5,8 +5,8 @@ import pytest
 
 from mdmt_tf.models import ModelConfig
 from mdmt_tf.training.compare import Comparison, cold_start_shares, popularity_predictions
+from mdmt_tf.training.config import TrainConfig
 from mdmt_tf.training.evaluation import auc
-from mdmt_tf.training.fit import TrainConfig
 
 
 def test_popularity_is_the_items_training_rate(data):
@@ -25,7 +25,8 @@ def test_popularity_is_the_items_training_rate(data):
 @pytest.mark.slow
 def test_compare_two_models_two_seeds(data, tmp_path):
     small = {"embedding_dim": 4}
-    models = [ModelConfig("mlp", {**small, "units": [16]}), ModelConfig("shared_bottom", {**small, "bottom_units": [16]})]
+    models = [ModelConfig("mlp", {**small, "units": [16]}), ModelConfig("shared_bottom", {**small,
+                                                                                          "bottom_units": [16]})]
     report = Comparison(models, data, TrainConfig(epochs=1, batch_size=256), tmp_path, seeds=2, verbose=0).run()
     assert set(report["table"]) == {"popularity", "mlp", "shared_bottom"}
     runs = [json.loads((tmp_path / "runs" / "mlp" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]

@@ -9,7 +9,9 @@ import pytest
 from mdmt_tf.cli import main
 from mdmt_tf.errors import DataError
 from mdmt_tf.models import ModelConfig
-from mdmt_tf.training.fit import EncodedData, Run, TrainConfig
+from mdmt_tf.training.config import TrainConfig
+from mdmt_tf.training.encoded import EncodedData
+from mdmt_tf.training.fit import Run
 from tests.data.test_checks import _click_zero_positions, unnest_csv
 
 SMALL = ["--epochs", "1", "--batch-size", "512", "--precision", "float32", "--param", "embedding_dim=4",

@@ -9,7 +9,8 @@ import tensorflow as tf
 from mdmt_tf.data.dataset import label_arrays, raw_feature_arrays
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models import ModelConfig
-from mdmt_tf.training.fit import TrainConfig, train
+from mdmt_tf.training.config import TrainConfig
+from mdmt_tf.training.fit import train
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +47,7 @@ def test_train_writes_the_documented_outputs(data, tmp_path):
 
     # the SavedModel: both signatures agree with each other and with the metrics
     loaded = tf.saved_model.load(str(tmp_path / "model"))
-    assert set(loaded.signatures) == {"serving_default", "predict_raw"}
+    assert set(loaded.signatures) == {"serving_default", "predict_raw", "model_info"}
     table = data.splits.test
     raw = raw_feature_arrays(table, data.spec)
     out_raw = loaded.signatures["predict_raw"](**{k: tf.constant(v) for k, v in raw.items()})
@@ -84,7 +85,7 @@ class _FirstWeights(keras.callbacks.Callback):
             self.initial_epoch = epoch
 
 
-def test_interrupted_run_resumes_from_its_last_checkpoint(data, tmp_path, capsys):
+def test_interrupted_run_resumes_from_its_last_checkpoint(data, tmp_path, caplog):
     config = TrainConfig(epochs=4, batch_size=256, patience=5)
     model = ModelConfig("mmoe", {"expert_units": [16, 8], "tower_units": [8], "embedding_dim": 4})
     crash = _Crash()
@@ -94,8 +95,9 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(data, tmp_path, capsys
     assert state["epoch"] == 2 and not (tmp_path / "metrics.json").exists()
 
     probe = _FirstWeights()
-    payload = train(model, data, config, tmp_path, source="small", verbose=0, callbacks=[probe])
-    assert "resuming" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="mdmt_tf"):
+        payload = train(model, data, config, tmp_path, source="small", verbose=0, callbacks=[probe])
+    assert any(r.getMessage().startswith(f"resuming {tmp_path} after epoch 2") for r in caplog.records)
     assert probe.initial_epoch == 2 and payload["epochs_trained"] == 4
     assert len(payload["history"]) == 4
     assert len(probe.weights) == len(crash.weights)
@@ -151,7 +153,8 @@ def _checkpoint_dtypes(model_dir):
 def _predict_raw(model_dir, table, spec):
     loaded = tf.saved_model.load(str(model_dir))
     raw = raw_feature_arrays(table, spec)
-    return {k: v.numpy() for k, v in loaded.signatures["predict_raw"](**{k: tf.constant(v) for k, v in raw.items()}).items()}
+    out = loaded.signatures["predict_raw"](**{k: tf.constant(v) for k, v in raw.items()})
+    return {k: v.numpy() for k, v in out.items()}
 
 
 def test_a_bfloat16_serving_export_scores_like_the_float32_model(data, tmp_path):
@@ -212,3 +215,35 @@ def test_config_values_from_yaml_are_typed():
 def test_an_unknown_serving_precision_is_a_config_error():
     with pytest.raises(ConfigError, match="serving precision must be one of"):
         TrainConfig(serving_precision="float16")
+
+
+@pytest.mark.parametrize("name", ["run_config.json", "checkpoints/state.json"])
+def test_a_truncated_run_state_file_is_named(data, tmp_path, name):
+    """Run state is written by rename (never half a file); one damaged by hand or by a full
+    disk is a ConfigError naming it, not a raw JSONDecodeError."""
+    model = ModelConfig("mmoe", {"expert_units": [8], "tower_units": [4], "embedding_dim": 4})
+    config = TrainConfig(epochs=1, batch_size=512)
+    train(model, data, config, tmp_path, source="small", verbose=0, export=False, plots=False)
+    assert not [p.name for p in tmp_path.rglob("*.tmp")]  # no temporary file left behind
+    path = tmp_path / name
+    path.write_text(path.read_text()[: len(path.read_text()) // 2])
+    with pytest.raises(ConfigError, match=rf"{path} is not valid JSON .*delete the run directory"):
+        train(model, data, config, tmp_path, source="small", verbose=0, export=False, plots=False)
+
+
+def test_json_files_are_written_atomically(tmp_path, monkeypatch):
+    """An interrupted write leaves the previous file whole."""
+    import os
+
+    from mdmt_tf.files import read_json, write_json
+
+    path = tmp_path / "state.json"
+    write_json(path, {"epoch": 1})
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_json(path, {"epoch": 2})
+    assert read_json(path) == {"epoch": 1} and [p.name for p in tmp_path.iterdir()] == ["state.json"]

@@ -10,10 +10,9 @@ from keras import layers, ops
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models import build_model
 from mdmt_tf.models.base import MDMTModel
-from mdmt_tf.training.fit import MAMDRConfig
+from mdmt_tf.training.config import MAMDRConfig
 from mdmt_tf.training.losses import mdmt_loss
 from mdmt_tf.training.mamdr import DN, DR, PLAIN, SKIP, MAMDRSchedule, MAMDRTrainer, control
-
 from tests.training.conftest import values
 
 TINY = {"bottom_units": [4], "tower_units": [], "embedding_dim": 2}

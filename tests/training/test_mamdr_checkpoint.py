@@ -6,7 +6,9 @@ import pytest
 
 from mdmt_tf.models import ModelConfig, build_model
 from mdmt_tf.training import callbacks as callbacks_module
-from mdmt_tf.training.fit import EncodedData, TrainConfig, train
+from mdmt_tf.training.config import TrainConfig
+from mdmt_tf.training.encoded import EncodedData
+from mdmt_tf.training.fit import train
 
 pytestmark = pytest.mark.slow  # end-to-end runs
 

@@ -9,7 +9,6 @@ import tensorflow as tf
 
 from mdmt_tf.models import build_model, model_names
 from mdmt_tf.training.mamdr import DN, DR, PLAIN, STRATEGIES, MAMDRTrainer, control
-
 from tests.training.conftest import values
 
 # small widths: the point is dtypes, not learning
@@ -43,36 +42,30 @@ def test_every_model_has_small_widths():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("name", model_names())
 def test_a_step_and_serving_under_each_precision(enc, name, strategy, precision):
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(precision)
-    try:
-        keras.utils.set_random_seed(0)
-        model = build_model(name, enc.schema, SMALL[name])
-        trainer = MAMDRTrainer(model, strategy=strategy, granularity="batch", inner_lr=0.01)
-        theta = values(model.trainable_variables)
-        domain_0, domain_1 = _rows(enc, "train", 0, 48), _rows(enc, "train", 1, 48)
-        shared = control(DN, 0, begin=1, end=1) if trainer.use_dn else control(PLAIN, 0)
-        trainer.train_step((*domain_0, shared))
-        if trainer.use_dr:  # one DR update of theta_0 with support domain 1
-            trainer.train_step((*domain_1, control(DR, 0, begin=1)))
-            trainer.train_step((*domain_0, control(DR, 0, end=1, last=1)))
-        assert np.isfinite(float(trainer.loss_tracker.result()))
-        after = values(model.trainable_variables)
-        assert all(np.all(np.isfinite(v)) for v in after)
-        assert any(not np.array_equal(a, b) for a, b in zip(theta, after))
-        for delta, i in zip(trainer.deltas, trainer.specific):
-            assert delta.dtype == model.trainable_variables[i].dtype == "float32"
-        if trainer.use_dr:
-            moved = [np.abs(np.array(delta)[0]).max() for delta in trainer.deltas]
-            assert max(moved) > 0 and all(np.all(np.array(delta)[1:] == 0) for delta in trainer.deltas)
+    keras.utils.set_random_seed(0)
+    model = build_model(name, enc.schema, SMALL[name], dtype=precision)
+    trainer = MAMDRTrainer(model, strategy=strategy, granularity="batch", inner_lr=0.01)
+    theta = values(model.trainable_variables)
+    domain_0, domain_1 = _rows(enc, "train", 0, 48), _rows(enc, "train", 1, 48)
+    shared = control(DN, 0, begin=1, end=1) if trainer.use_dn else control(PLAIN, 0)
+    trainer.train_step((*domain_0, shared))
+    if trainer.use_dr:  # one DR update of theta_0 with support domain 1
+        trainer.train_step((*domain_1, control(DR, 0, begin=1)))
+        trainer.train_step((*domain_0, control(DR, 0, end=1, last=1)))
+    assert np.isfinite(float(trainer.loss_tracker.result()))
+    after = values(model.trainable_variables)
+    assert all(np.all(np.isfinite(v)) for v in after)
+    assert any(not np.array_equal(a, b) for a, b in zip(theta, after))
+    for delta, i in zip(trainer.deltas, trainer.specific):
+        assert delta.dtype == model.trainable_variables[i].dtype == "float32"
+    if trainer.use_dr:
+        moved = [np.abs(np.array(delta)[0]).max() for delta in trainer.deltas]
+        assert max(moved) > 0 and all(np.all(np.array(delta)[1:] == 0) for delta in trainer.deltas)
 
-        # the serving model once, on a test batch (eagerly: the same call as validation's
-        # tf.function, at a tenth of the cost)
-        features = {k: tf.constant(v[:64]) for k, v in enc.features["test"].items()}
-        scores = trainer.serving_model()(features, training=False)
-        for task in enc.schema.tasks:
-            assert tuple(scores[task].shape) == (64, 1) and scores[task].dtype == "float32"
-            assert np.all((np.asarray(scores[task]) >= 0) & (np.asarray(scores[task]) <= 1))
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
-    assert keras.mixed_precision.global_policy().name == previous.name
+    # the serving model once, on a test batch (eagerly: the same call as validation's
+    # tf.function, at a tenth of the cost)
+    features = {k: tf.constant(v[:64]) for k, v in enc.features["test"].items()}
+    scores = trainer.serving_model()(features, training=False)
+    for task in enc.schema.tasks:
+        assert tuple(scores[task].shape) == (64, 1) and scores[task].dtype == "float32"
+        assert np.all((np.asarray(scores[task]) >= 0) & (np.asarray(scores[task]) <= 1))

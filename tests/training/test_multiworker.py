@@ -41,7 +41,7 @@ def test_two_workers_finish_with_identical_weights(tmp_path):
                "TF_CONFIG": json.dumps({"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}})}
         workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [w.communicate(timeout=900) for w in workers]
-    for worker, (stdout, stderr) in zip(workers, results):
+    for worker, (_, stderr) in zip(workers, results):
         assert worker.returncode == 0, stderr[-3000:]
     chief = _weights(out / "checkpoints" / "last")
     other = _weights(out / "workers" / "worker-1" / "checkpoints" / "last")

@@ -6,7 +6,6 @@ import pytest
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models import build_model
 from mdmt_tf.training.trainer import MDMTTrainer
-
 from tests.training.conftest import batches, values
 
 SMALL = {"bottom_units": [32, 16], "expert_units": [16, 8], "tower_units": [8], "embedding_dim": 4}
@@ -155,18 +154,13 @@ def test_loss_includes_embedding_regularisation(enc):
 
 def test_regularised_model_trains_under_mixed_bfloat16(enc):
     """The embedding L2 loss must add to the float32 task loss under mixed precision."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        keras.utils.set_random_seed(0)
-        model = build_model("shared_bottom", enc.schema, {"bottom_units": [8], "embedding_dim": 4,
-                                                          "embedding_l2": 1e-4})
-        trainer = MDMTTrainer(model, arch_mode="fixed")
-        _fit(trainer, enc)
-        total, loss = trainer.loss_of(*next(iter(batches(enc, "train"))), training=False)
-        assert total.dtype == "float32" and float(total) > float(loss)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    keras.utils.set_random_seed(0)
+    model = build_model("shared_bottom", enc.schema, {"bottom_units": [8], "embedding_dim": 4, "embedding_l2": 1e-4},
+                        dtype="mixed_bfloat16")
+    trainer = MDMTTrainer(model, arch_mode="fixed")
+    _fit(trainer, enc)
+    total, loss = trainer.loss_of(*next(iter(batches(enc, "train"))), training=False)
+    assert total.dtype == "float32" and float(total) > float(loss)
 
 
 def test_architecture_step_follows_the_heldout_gradient_not_the_training_one(enc):
@@ -206,7 +200,8 @@ def test_architecture_step_follows_the_heldout_gradient_not_the_training_one(enc
 ])
 def test_holdout_slice_leaves_the_weight_steps_only_when_searching(name, params, mode, held_out, enc, tmp_path):
     from mdmt_tf.models import ModelConfig
-    from mdmt_tf.training.fit import Run, TrainConfig
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.fit import Run
 
     config = TrainConfig(batch_size=100, arch_mode=mode, arch_data="holdout:0.25")
     run = Run(ModelConfig(name, params), enc, config, tmp_path)
@@ -224,7 +219,8 @@ def test_the_default_architecture_data_is_a_training_holdout_never_the_validatio
     """By default bilevel's architecture batches are 10 % of the training rows: no validation
     row (the split that picks the best epoch and scores tuner trials) ever reaches them."""
     from mdmt_tf.models import ModelConfig
-    from mdmt_tf.training.fit import Run, TrainConfig
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.fit import Run
 
     assert TrainConfig().arch_data == "holdout:0.1"
     run = Run(ModelConfig("m3oe", SMALL), enc, TrainConfig(batch_size=10_000), tmp_path)
@@ -249,7 +245,8 @@ def test_a_resumed_run_does_not_replay_the_first_epochs_order(enc, tmp_path):
     import json
 
     from mdmt_tf.models import ModelConfig
-    from mdmt_tf.training.fit import Run, TrainConfig
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.fit import Run
 
     params = {"expert_units": [8], "tower_units": [8], "embedding_dim": 4}
     run = Run(ModelConfig("mmoe", params), enc, TrainConfig(batch_size=100, seed=3), tmp_path)

@@ -3,7 +3,8 @@ import pytest
 from mdmt_tf.data.dataset import MDMTData
 from mdmt_tf.data.readers import Splits, random_split
 from mdmt_tf.data.synthetic import SyntheticConfig, generate, synthetic_spec
-from mdmt_tf.training.fit import EncodedData, TrainConfig
+from mdmt_tf.training.config import TrainConfig
+from mdmt_tf.training.encoded import EncodedData
 
 SMALL = {"embedding_dim": 4, "expert_units": "128,32"}
 CONFIG = TrainConfig(epochs=2, batch_size=512, patience=2, precision="float32")

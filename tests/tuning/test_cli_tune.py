@@ -1,7 +1,6 @@
 """`mdmt tune` then `mdmt train --hparams best_hparams.yaml`, through the CLI entry point."""
 import json
 
-import pytest
 import yaml
 
 from mdmt_tf.cli import build_parser, main

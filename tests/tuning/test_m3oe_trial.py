@@ -5,7 +5,6 @@ import numpy as np
 from mdmt_tf.training.trainer import MDMTTrainer
 from mdmt_tf.tuning.hypermodel import MDMTHyperModel
 from mdmt_tf.tuning.search import make_tuner, run_search
-
 from tests.tuning.conftest import CONFIG
 
 FIXED = {"embedding_dim": 4, "expert_units": "16,8", "tower_units": "8", "num_shared_experts": 2,

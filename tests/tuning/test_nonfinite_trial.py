@@ -6,10 +6,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-import mdmt_tf.training.fit as fit
+import mdmt_tf.training.predict as predict_module
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.tuning.search import run_search
-
 from tests.tuning.conftest import CONFIG
 
 TINY = {"embedding_dim": 4, "expert_units": "16,8", "tower_units": "8"}
@@ -19,7 +18,7 @@ ONE_EPOCH = dataclasses.replace(CONFIG, epochs=1)
 def _poison(monkeypatch, encoded, poisoned_fits):
     """The validation predictor of the fits numbered in `poisoned_fits` (1-based) returns NaN
     for the first task on every row of domain 0."""
-    real, fits = fit.predictor, []
+    real, fits = predict_module.predictor, []
     task, column = encoded.spec.tasks[0], encoded.spec.domain
 
     def predictor(model, batch_size):
@@ -34,7 +33,7 @@ def _poison(monkeypatch, encoded, poisoned_fits):
             return probs
         return wrapped
 
-    monkeypatch.setattr(fit, "predictor", predictor)
+    monkeypatch.setattr(predict_module, "predictor", predictor)
     rows = int((np.asarray(encoded.domain["val"]).ravel() == 0).sum())
     return f"validation mean AUC is NaN: non-finite predictions in {encoded.domains[0]}/{task} ({rows} rows)"
 

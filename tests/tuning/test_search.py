@@ -13,7 +13,6 @@ from mdmt_tf.models import ModelConfig
 from mdmt_tf.training.fit import train
 from mdmt_tf.tuning.hypermodel import MDMTHyperModel, check_objective, split_values, values_from_config
 from mdmt_tf.tuning.search import distributed_environment, run_search
-
 from tests.tuning.conftest import CONFIG, SMALL
 
 
@@ -33,7 +32,7 @@ def test_search_space_errors(tuning_data):
         MDMTHyperModel("m4oe", encoded, CONFIG)
     with pytest.raises(ConfigError, match="not in the mmoe search space"):
         MDMTHyperModel("mmoe", encoded, CONFIG, fixed={"num_shared_experts": 4})
-    every = {"embedding_dim": 8, "embedding_l2": 0.0, "num_experts": 2, "expert_units": "128,32",
+    every = {"embedding_dim": 8, "embedding_l2": 0.0, "oov_rate": 0.0, "num_experts": 2, "expert_units": "128,32",
              "tower_units": "32", "train.learning_rate": 0.001}
     with pytest.raises(ConfigError, match="search space is empty"):
         MDMTHyperModel("mmoe", encoded, CONFIG, fixed=every)

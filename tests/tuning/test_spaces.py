@@ -6,7 +6,6 @@ import pytest
 from mdmt_tf.models import MODELS, model_names
 from mdmt_tf.training.trainer import MDMTTrainer
 from mdmt_tf.tuning.hypermodel import SPACES, MDMTHyperModel, split_values
-
 from tests.tuning.conftest import CONFIG
 
 

@@ -11,7 +11,6 @@ from mdmt_tf.errors import ConfigError
 from mdmt_tf.tuning import search
 from mdmt_tf.tuning.hypermodel import MDMTHyperModel, check_objective
 from mdmt_tf.tuning.search import hyperband_schedule, make_tuner, run_search
-
 from tests.tuning.conftest import CONFIG
 
 TINY = {"embedding_dim": 4, "expert_units": "16,8", "tower_units": "8"}  # mmoe: leaves l2, experts, lr free
@@ -116,7 +115,8 @@ def test_every_trial_failing_is_one_config_error(monkeypatch, tmp_path, capsys, 
     assert "first failure, trial 0: mdmt_tf.errors.ConfigError: the objective val_mean_auc was never logged" in err
     assert "Fix: every trial must log val_mean_auc each epoch" in err and "--overwrite" in err
     failed_lines = [line for line in captured.out.splitlines() if " failed: " in line]
-    assert len(failed_lines) == trials and failed_lines[0].startswith("trial 0 failed: mdmt_tf.errors.ConfigError")
+    assert len(failed_lines) == trials
+    assert failed_lines[0].startswith("[mdmt] trial 0 failed: mdmt_tf.errors.ConfigError")
     rows = _rows(out)  # the table is written before the error, with each trial's reason
     assert len(rows) == trials and all(r["status"] == "FAILED" and "never logged" in r["reason"] for r in rows)
     assert not (out / "best_hparams.yaml").exists()

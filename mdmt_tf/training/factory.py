@@ -1,0 +1,94 @@
+"""The one construction of a run's trainer, used by `mdmt train` (Run), the tuner's trials and
+`mdmt bench train`: the model's trainer (MDMTTrainer for --strategy plain, MAMDRTrainer for
+dn / dr / mamdr) and the batches it trains on. Both trainers expose the same small
+interface: `serving_model(net=None)` (the model to evaluate and export: net itself, or theta +
+theta_d per domain with Domain Regularization) and `steps_taken()`."""
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mdmt_tf.data.dataset import make_dataset
+from mdmt_tf.training.config import TrainConfig
+from mdmt_tf.training.encoded import EncodedData, take
+from mdmt_tf.training.mamdr import MAMDRTrainer
+from mdmt_tf.training.trainer import MDMTTrainer
+
+
+@dataclasses.dataclass
+class TrainerSetup:
+    """A trainer and what `trainer.fit` needs: its training batches, the steps of an epoch
+    (None: one pass over `train`) and the training examples a step consumes (for examples/s)."""
+
+    trainer: keras.Model
+    train: tf.data.Dataset
+    steps_per_epoch: int | None
+    examples_per_step: float
+
+
+def make_trainer(model, enc: EncodedData, config: TrainConfig, seed: int, *, learning_rate: float | None = None,
+                 arch_learning_rate: float | None = None, arch_mode: str | None = None,
+                 drop_remainder: bool = False) -> TrainerSetup:
+    """The trainer of `model` on the encoded data under `config`; `seed` shuffles the batches
+    (a resumed run passes one derived from the epoch it resumes after). The keyword
+    arguments override the config (a tuner trial's searched values); drop_remainder drops
+    each pass's last partial batch (benchmarks time full batches only)."""
+    c = config
+    if c.strategy != "plain":
+        m = c.mamdr
+        domains = sorted(set(enc.domain["train"].tolist()))
+        trainer = MAMDRTrainer(model, strategy=c.strategy, domains=domains, granularity=m.granularity,
+                               inner_lr=m.inner_lr, outer_lr=m.outer_lr, dr_lr=m.dr_lr, k=m.k,
+                               inner_steps=m.inner_steps, inner_optimizer=m.inner_optimizer,
+                               learning_rate=learning_rate if learning_rate is not None else c.learning_rate,
+                               scope=m.scope, dn_with_specific=m.dn_with_specific, dr_target_steps=m.dr_target_steps,
+                               seed=c.seed, task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction)
+        # the schedule of epoch e is a function of (seed, e): a resumed run replays the uninterrupted one
+        train, steps, rows_per_step = trainer.training_data(enc.features["train"], enc.labels["train"], c.batch_size)
+        return TrainerSetup(trainer, train, steps, rows_per_step)
+    trainer, train = _plain_trainer(model, enc, c, seed, learning_rate=learning_rate,
+                                    arch_learning_rate=arch_learning_rate, arch_mode=arch_mode,
+                                    drop_remainder=drop_remainder)
+    return TrainerSetup(trainer, train, None, c.batch_size)
+
+
+def _plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learning_rate: float | None,
+                   arch_learning_rate: float | None, arch_mode: str | None, drop_remainder: bool):
+    """(MDMTTrainer, its training batches) for `model` on the encoded data.
+
+    The architecture steps' batches: bilevel reads a held-out slice of the training rows
+    (arch_data "holdout:FRACTION", the default: those rows never enter a weight step) or
+    the validation split ("val"); authors reads a second, separately shuffled pass over the
+    training rows, as the released code does. The validation split is what picks the best
+    epoch and scores tuner trials: a search that also fits alpha / beta on it would choose
+    them on the data that then judges them. Models without architecture variables, and
+    arch modes that do not search, train the weights on every training row."""
+    arch_mode = arch_mode or c.arch_mode
+    train_rows = np.arange(enc.rows("train"))
+    searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
+    heldout = None
+    if searching and arch_mode == "authors":
+        heldout = make_dataset(enc.features["train"], enc.labels["train"], batch_size=c.batch_size, shuffle=True,
+                               seed=seed + 2, drop_remainder=drop_remainder)
+    elif searching and (fraction := c.holdout_fraction()) is not None:
+        order = np.random.default_rng(c.seed).permutation(len(train_rows))
+        cut = max(1, int(round(fraction * len(order))))
+        held, train_rows = np.sort(order[:cut]), np.sort(order[cut:])
+        heldout = make_dataset(take(enc.features["train"], held), take(enc.labels["train"], held),
+                               batch_size=c.batch_size, shuffle=True, seed=seed + 1, drop_remainder=drop_remainder)
+    elif searching:
+        heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
+                               seed=seed + 1, drop_remainder=drop_remainder)
+    trainer = MDMTTrainer(model, arch_mode=arch_mode,
+                          learning_rate=learning_rate if learning_rate is not None else c.learning_rate,
+                          arch_learning_rate=arch_learning_rate if arch_learning_rate is not None
+                          else c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
+                          steps_per_epoch=int(np.ceil(len(train_rows) / c.batch_size)),
+                          task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
+                          jit_compile=c.jit_compile)
+    train = make_dataset(take(enc.features["train"], train_rows), take(enc.labels["train"], train_rows),
+                         batch_size=c.batch_size, shuffle=True, seed=seed, drop_remainder=drop_remainder)
+    return trainer, train
