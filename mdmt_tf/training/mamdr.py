@@ -170,11 +170,11 @@ class MAMDRSchedule:
 
     def expected_rows_per_step(self) -> float:
         """Training rows per step on average (for examples/s): support domains drawn uniformly."""
-        rows = sum(self._visit_rows(v) for v in self._shared_visits(self.domains))
+        rows = float(sum(self._visit_rows(v) for v in self._shared_visits(self.domains)))
         if self.use_dr:
             for i in self.domains:
                 others = self._others(i)
-                rows += self.k * (np.mean([self._visit_rows(self._support(i, j)) for j in others])
+                rows += self.k * (float(np.mean([self._visit_rows(self._support(i, j)) for j in others]))
                                   + self._visit_rows(self._target(i)))
         return self.iterations * rows / self.steps_per_epoch
 
