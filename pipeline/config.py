@@ -39,7 +39,7 @@ class PipelineConfig:
     data_format: str = "auto"
     schema_path: str | None = None
     model: dict = dataclasses.field(default_factory=lambda: {"name": "m3oe", "params": {}})
-    train: dict = dataclasses.field(default_factory=lambda: {"epochs": 10, "batch_size": 2048, "patience": 3})
+    train: dict = dataclasses.field(default_factory=lambda: {"epochs": 10})  # the rest: TrainConfig's defaults
     tune: bool = False
     tuning: dict = dataclasses.field(default_factory=lambda: {"tuner": "random", "max_trials": 3, "epochs": 3})
     pipeline_root: str = "runs/pipeline/root"
@@ -99,4 +99,4 @@ class PipelineConfig:
     def custom_config(self) -> dict:
         """What the module file receives (plain JSON-able values)."""
         return {"spec": self.dataset_spec.to_dict(), "model": dict(self.model), "train": dict(self.train),
-                "min_count": int(self.train.get("min_count", 1)), "tune": dict(self.tuning)}
+                "min_count": TrainConfig.from_dict(self.train).min_count, "tune": dict(self.tuning)}

@@ -58,7 +58,7 @@ def build_config(args, for_cluster: bool = False):
     if args.model:
         base["model"] = {"name": args.model, "params": base.get("model", {}).get("params", {})}
     if args.epochs is not None:
-        base["train"] = {**base.get("train", {"batch_size": 2048, "patience": 3}), "epochs": args.epochs}
+        base["train"] = {**base.get("train", {}), "epochs": args.epochs}
     if getattr(args, "tune", False):
         base["tune"] = True
     for key in ("pipeline_root", "data_root", "serving_dir"):

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from mdmt_tf.cli.data import add_data_flags
+from mdmt_tf.cli.formatting import DefaultsHelp
 from mdmt_tf.errors import ConfigError
 
 
@@ -55,39 +56,41 @@ def model_config_from_args(args):
     return ModelConfig(name, params)
 
 
+# flag attribute -> TrainConfig setting (flags default to None: TrainConfig holds the defaults)
+TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate", "arch_lr": "arch_learning_rate",
+               "arch_mode": "arch_mode", "arch_period": "arch_period", "arch_data": "arch_data",
+               "patience": "patience", "seed": "seed", "loss_reduction": "loss_reduction", "strategy": "strategy",
+               "precision": "precision", "jit": "jit_compile", "serving_precision": "serving_precision",
+               "min_count": "min_count", "strategy_distribute": "distribute", "eval_batch_size": "eval_batch_size"}
+MAMDR_FLAGS = {"mamdr_inner_lr": "inner_lr", "mamdr_outer_lr": "outer_lr", "mamdr_dr_lr": "dr_lr", "mamdr_k": "k",
+               "mamdr_inner_steps": "inner_steps", "mamdr_inner_optimizer": "inner_optimizer",
+               "mamdr_scope": "scope", "mamdr_granularity": "granularity",
+               "mamdr_dn_with_specific": "dn_with_specific", "mamdr_dr_target_steps": "dr_target_steps"}
+
+
 def train_config_from_args(args):
-    from mdmt_tf.training.config import MAMDRConfig, TrainConfig
+    """A TrainConfig from the flags given, over a --hparams file's `train` values, over
+    TrainConfig's defaults (the one place they are written)."""
+    from mdmt_tf.training.config import TrainConfig
 
-    weights = {k: float(v) for k, v in _key_values(args.task_weight, "--task-weight").items()}
     tuned = dict(_hparams_file(args).get("train") or {}) if getattr(args, "hparams", None) else {}
-
-    def pick(flag, key, default):  # an explicit flag, else the tuned value, else the default
-        value = getattr(args, flag)
-        return value if value is not None else tuned.get(key, default)
-
-    mamdr = MAMDRConfig(inner_lr=args.mamdr_inner_lr, outer_lr=args.mamdr_outer_lr, dr_lr=args.mamdr_dr_lr,
-                        k=args.mamdr_k, inner_steps=args.mamdr_inner_steps,
-                        inner_optimizer=args.mamdr_inner_optimizer, scope=args.mamdr_scope,
-                        granularity=args.mamdr_granularity, dn_with_specific=args.mamdr_dn_with_specific,
-                        dr_target_steps=args.mamdr_dr_target_steps)
-    return TrainConfig(epochs=pick("epochs", "epochs", 20), batch_size=pick("batch_size", "batch_size", 2048),
-                       learning_rate=pick("lr", "learning_rate", 1e-3),
-                       arch_learning_rate=pick("arch_lr", "arch_learning_rate", 3e-3),
-                       arch_mode=pick("arch_mode", "arch_mode", "bilevel"), arch_period=args.arch_period,
-                       arch_data=pick("arch_data", "arch_data", TrainConfig.arch_data),
-                       patience=pick("patience", "patience", 3), seed=args.seed,
-                       task_weights=tuple(sorted(weights.items())), loss_reduction=args.loss_reduction,
-                       strategy=args.strategy, mamdr=mamdr, precision=args.precision,
-                       jit_compile=args.jit, serving_precision=args.serving_precision, min_count=args.min_count,
-                       distribute=args.strategy_distribute)
+    given = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    mamdr = {key: getattr(args, flag) for flag, key in MAMDR_FLAGS.items() if getattr(args, flag) is not None}
+    weights = {k: float(v) for k, v in _key_values(args.task_weight, "--task-weight").items()}
+    values = {**tuned, **given, "mamdr": {**(tuned.get("mamdr") or {}), **mamdr}}
+    if weights:
+        values["task_weights"] = weights
+    return TrainConfig.from_dict(values)
 
 
-def load_data(args):
+def load_data(args, min_count: int):
+    """The --data source split and with vocabularies (ids seen fewer than min_count times in
+    training map to the OOV bucket)."""
     from mdmt_tf.data.dataset import MDMTData
     from mdmt_tf.data.sources import load_source
 
     spec, splits = load_source(args.data, args.spec, split_seed=args.split_seed, split=args.split)
-    return MDMTData.build(spec, splits, min_count=getattr(args, "min_count", 1))
+    return MDMTData.build(spec, splits, min_count=min_count)
 
 
 def cmd_train(args) -> int:
@@ -96,7 +99,7 @@ def cmd_train(args) -> int:
 
     model_config = model_config_from_args(args)
     config = train_config_from_args(args)
-    data = load_data(args)
+    data = load_data(args, config.min_count)
     source = f"{args.data} split={args.split} split_seed={args.split_seed}"
     payload = train(model_config, data, config, args.out, source=source)
     domains, tasks = payload["data"]["domains"], payload["data"]["tasks"]
@@ -130,53 +133,83 @@ def cmd_evaluate(args) -> int:
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=None, help="default 20 (or the search's, with --hparams)")
-    p.add_argument("--batch-size", type=int, default=None, help="default 2048 (or the search's, with --hparams)")
-    p.add_argument("--seed", type=int, default=0, help="model initialisation and data order")
-    p.add_argument("--lr", type=float, default=None, help="weight learning rate (Adam; default 1e-3 or --hparams')")
-    p.add_argument("--arch-mode", default=None, choices=("bilevel", "joint", "fixed", "authors"),
-                   help="default bilevel (or --hparams')")
-    p.add_argument("--arch-lr", type=float, default=None, help="architecture learning rate (Adam; default 3e-3)")
-    p.add_argument("--arch-period", type=int, default=1, help="an architecture step every N weight steps")
+    """The training flags; every default is TrainConfig's (shown in the help), and a flag
+    not given leaves the setting to a --hparams file's `train` values, then to that default."""
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.options import (
+        ARCH_MODES,
+        DISTRIBUTE,
+        GRANULARITIES,
+        INNER_OPTIMIZERS,
+        PRECISIONS,
+        REDUCTIONS,
+        SCOPES,
+        SERVING_PRECISIONS,
+        STRATEGIES,
+    )
+
+    c, m = TrainConfig(), TrainConfig().mamdr
+    p.add_argument("--epochs", type=int, default=None, help=f"at most; default {c.epochs} (or the search's)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default {c.batch_size} (or the search's)")
+    p.add_argument("--seed", type=int, default=None, help=f"model initialisation and data order; default {c.seed}")
+    p.add_argument("--lr", type=float, default=None, help=f"weight learning rate (Adam); default {c.learning_rate:g}")
+    p.add_argument("--arch-mode", default=None, choices=ARCH_MODES, help=f"default {c.arch_mode}")
+    p.add_argument("--arch-lr", type=float, default=None,
+                   help=f"architecture learning rate (Adam); default {c.arch_learning_rate:g}")
+    p.add_argument("--arch-period", type=int, default=None,
+                   help=f"an architecture step every N weight steps; default {c.arch_period}")
     p.add_argument("--arch-data", default=None,
                    help="where bilevel's architecture steps read batches: 'holdout:FRACTION' of the training rows "
-                        "(default holdout:0.1; those rows then never enter a weight step) or 'val' (the validation "
-                        "split, which also picks the best epoch); ignored by models and modes that do not search")
+                        f"(default {c.arch_data}; those rows then never enter a weight step) or 'val' (the "
+                        "validation split, which also picks the best epoch); ignored by models and modes that do "
+                        "not search")
     p.add_argument("--patience", type=int, default=None,
-                   help="epochs without val_mean_auc gain before stopping; default 3 (or the search's, with --hparams)")
+                   help=f"epochs without val_mean_auc gain before stopping; default {c.patience}")
     p.add_argument("--task-weight", action="append", metavar="TASK=W", help="loss weight of a task (default 1)")
-    p.add_argument("--loss-reduction", default="pair", choices=("pair", "sample"),
-                   help="'pair': mean per (domain, task) then summed; 'sample': mean over the batch per task")
-    p.add_argument("--strategy", default="plain", choices=("plain", "dn", "dr", "mamdr"),
-                   help="MAMDR: domain negotiation (dn), domain regularization (dr), both (mamdr)")
-    p.add_argument("--mamdr-granularity", default="pass", choices=("pass", "batch"),
+    p.add_argument("--loss-reduction", default=None, choices=REDUCTIONS,
+                   help="'pair': mean per (domain, task) then summed; 'sample': mean over the batch per task; "
+                        f"default {c.loss_reduction}")
+    p.add_argument("--strategy", default=None, choices=STRATEGIES,
+                   help="MAMDR: domain negotiation (dn), domain regularization (dr), both (mamdr); "
+                        f"default {c.strategy}")
+    p.add_argument("--mamdr-granularity", default=None, choices=GRANULARITIES,
                    help="what training on a domain is: one full pass over its data (the official code's; one "
-                        "outer iteration per epoch) or --mamdr-inner-steps steps on fresh batches")
-    p.add_argument("--mamdr-k", type=int, default=2, help="DR: support domains sampled per target domain")
-    p.add_argument("--mamdr-inner-lr", type=float, default=1e-3, help="alpha: DN's and DR's steps")
-    p.add_argument("--mamdr-outer-lr", type=float, default=0.5, help="beta: DN's Reptile step")
-    p.add_argument("--mamdr-dr-lr", type=float, default=0.5, help="gamma: DR's interpolation")
-    p.add_argument("--mamdr-inner-steps", type=int, default=1, help="steps per domain visit (granularity batch)")
-    p.add_argument("--mamdr-inner-optimizer", default="adam", choices=("adam", "sgd"),
-                   help="of DN's and DR's steps (state kept across domains and epochs); sgd: the paper's algorithms")
-    p.add_argument("--mamdr-scope", default="dense", choices=("dense", "all"),
-                   help="which weights get domain-specific copies theta_d (dense: all but embeddings)")
-    p.add_argument("--mamdr-dn-with-specific", action="store_true",
+                        f"outer iteration per epoch) or --mamdr-inner-steps steps on fresh batches; default "
+                        f"{m.granularity}")
+    p.add_argument("--mamdr-k", type=int, default=None, help=f"DR: support domains per target domain; default {m.k}")
+    p.add_argument("--mamdr-inner-lr", type=float, default=None,
+                   help=f"alpha: DN's and DR's steps; default {m.inner_lr:g}")
+    p.add_argument("--mamdr-outer-lr", type=float, default=None,
+                   help=f"beta: DN's Reptile step; default {m.outer_lr:g}")
+    p.add_argument("--mamdr-dr-lr", type=float, default=None, help=f"gamma: DR's interpolation; default {m.dr_lr:g}")
+    p.add_argument("--mamdr-inner-steps", type=int, default=None,
+                   help=f"steps per domain visit (granularity batch); default {m.inner_steps}")
+    p.add_argument("--mamdr-inner-optimizer", default=None, choices=INNER_OPTIMIZERS,
+                   help="of DN's and DR's steps (state kept across domains and epochs); sgd: the paper's algorithms; "
+                        f"default {m.inner_optimizer}")
+    p.add_argument("--mamdr-scope", default=None, choices=SCOPES,
+                   help=f"which weights get domain-specific copies theta_d (dense: all but embeddings); default "
+                        f"{m.scope}")
+    p.add_argument("--mamdr-dn-with-specific", action="store_true", default=None,
                    help="--strategy mamdr: DN's steps at theta + theta_d instead of at theta alone (Algorithm 3)")
-    p.add_argument("--mamdr-dr-target-steps", type=int, default=0,
+    p.add_argument("--mamdr-dr-target-steps", type=int, default=None,
                    help="granularity pass: cap DR's pass over the target domain at N batches (0: no cap)")
-    p.add_argument("--min-count", type=int, default=1, help="ids seen fewer times in training go to the OOV bucket")
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"),
-                   help="'auto': mixed_bfloat16 on CPUs with native bfloat16 (AVX512_BF16/AMX), else float32")
-    p.add_argument("--jit", action="store_true", help="XLA-compile the training steps")
-    p.add_argument("--serving-precision", default="float32", choices=("float32", "bfloat16"),
+    p.add_argument("--eval-batch-size", type=int, default=None,
+                   help=f"rows per batch when scoring validation and test data; default {c.eval_batch_size}")
+    p.add_argument("--min-count", type=int, default=None,
+                   help=f"ids seen fewer times in training go to the OOV bucket; default {c.min_count}")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help="'auto': mixed_bfloat16 on CPUs with native bfloat16 (AVX512_BF16/AMX), else float32; "
+                        f"default {c.precision}")
+    p.add_argument("--jit", action="store_true", default=None, help="XLA-compile the training steps")
+    p.add_argument("--serving-precision", default=None, choices=SERVING_PRECISIONS,
                    help="the exported SavedModel's weights and arithmetic: float32 (any CPU or GPU) or bfloat16 "
                         "(half the size; faster only where the serving CPU/GPU has native bfloat16; "
-                        "metrics.json 'serving' gives its test AUC)")
-    p.add_argument("--strategy-distribute", default="none", choices=("none", "mirrored", "multiworker"),
+                        f"metrics.json 'serving' gives its test AUC); default {c.serving_precision}")
+    p.add_argument("--strategy-distribute", default=None, choices=DISTRIBUTE,
                    help="tf.distribute: 'mirrored' (this machine's devices) or 'multiworker' "
                         "(MultiWorkerMirroredStrategy; one process per worker, cluster from TF_CONFIG; "
-                        "--batch-size is the global batch)")
+                        f"--batch-size is the global batch); default {c.distribute}")
 
 
 def cmd_compare(args) -> int:
@@ -188,9 +221,10 @@ def cmd_compare(args) -> int:
         raise ConfigError("--models needs at least one model name (or 'all')")
     overrides = _key_values(args.param, "--param")
     models = [ModelConfig(name, dict(overrides)) for name in names]
-    data = load_data(args)
+    config = train_config_from_args(args)
+    data = load_data(args, config.min_count)
     source = f"{args.data} split={args.split} split_seed={args.split_seed}"
-    report = Comparison(models, data, train_config_from_args(args), args.out, seeds=args.seeds,
+    report = Comparison(models, data, config, args.out, seeds=args.seeds,
                         source=source).run()
     print()
     print(markdown(report))
@@ -200,7 +234,7 @@ def cmd_compare(args) -> int:
 
 def add_parsers(verbs) -> None:
     p = verbs.add_parser("train", help="train one model; write metrics.json, plots and a SavedModel",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=DefaultsHelp)
     p.add_argument("--model", default=None, help="model name (m3oe, m3oe_aftb, stem, mlp, shared_bottom, mmoe, "
                                                  "ple, star, pepnet, esmm)")
     add_data_flags(p)
@@ -212,7 +246,7 @@ def add_parsers(verbs) -> None:
 
     p = verbs.add_parser("compare", help="train several models over seeds on one split; table of test AUC "
                                          "(mean ± std per domain, task) incl. a popularity baseline",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                         formatter_class=DefaultsHelp)
     p.add_argument("--models", required=True, help="comma-separated model names, or 'all'")
     p.add_argument("--seeds", type=int, default=3, help="runs per model (seeds 0..N-1)")
     add_data_flags(p)

@@ -6,6 +6,7 @@ import os
 
 from mdmt_tf.cli.data import add_data_flags
 from mdmt_tf.cli.train import _key_values, load_data
+from mdmt_tf.training.options import PRECISIONS
 
 
 def cmd_tune(args) -> int:
@@ -16,14 +17,15 @@ def cmd_tune(args) -> int:
     if args.distributed:
         os.environ.update(distributed_environment(args.distributed, args.oracle_ip, args.oracle_port,
                                                   args.tuner_id))
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, patience=args.patience,
-                         precision=args.precision)
+    given = {"batch_size": args.batch_size, "precision": args.precision}
+    config = TrainConfig.from_dict({"epochs": args.epochs, "patience": args.patience, "seed": args.seed,
+                                    **{k: v for k, v in given.items() if v is not None}})
     if args.tuner == "hyperband":
         schedule = hyperband_schedule(args.epochs)
         capped = args.max_trials is not None and args.max_trials < schedule
         print(f"hyperband: {schedule} trials for --epochs {args.epochs} (max epochs per trial, factor 3)"
               + (f"; --max-trials {args.max_trials} stops it after {args.max_trials}" if capped else ""))
-    encoded = EncodedData.from_data(load_data(args))
+    encoded = EncodedData.from_data(load_data(args, config.min_count))
     best = run_search(args.model, encoded, config, args.out, kind=args.tuner, max_trials=args.max_trials,
                       seed=args.seed, fixed=_key_values(args.fix, "--fix"), overwrite=args.overwrite,
                       verbose=1 if args.verbose else 0)
@@ -55,12 +57,13 @@ def add_parsers(verbs) -> None:
                         "trials from --epochs (2 epochs: 2 trials, 3: 6, 5: 10, 10: 30); --max-trials caps it, "
                         "stopping the search after N trials even inside a bracket (default: %(default)s = 10 "
                         "trials for random / bayesian, the whole schedule for hyperband)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per trial (early stopping on val_mean_auc); "
-                                                           "hyperband: the most epochs a trial trains")
-    p.add_argument("--batch-size", type=int, default=2048)
-    p.add_argument("--patience", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=10, help="epochs per trial (early stopping on val_mean_auc; shorter "
+                                                           "than mdmt train's, to afford more trials); hyperband: "
+                                                           "the most epochs a trial trains")
+    p.add_argument("--batch-size", type=int, default=None, help="default: mdmt train's")
+    p.add_argument("--patience", type=int, default=2, help="a trial's early-stopping patience")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", default="auto", choices=("auto", "float32", "mixed_bfloat16"))
+    p.add_argument("--precision", default=None, choices=PRECISIONS, help="default: mdmt train's")
     p.add_argument("--fix", action="append", metavar="NAME=VALUE", help="pin a hyper-parameter of the space")
     p.add_argument("--overwrite", action="store_true", help="start the search afresh")
     p.add_argument("--verbose", action="store_true")

@@ -6,14 +6,17 @@ import dataclasses
 import typing
 
 from mdmt_tf.errors import ConfigError
-from mdmt_tf.training.losses import REDUCTIONS
-from mdmt_tf.training.mamdr import INNER_OPTIMIZERS, SCOPES, check_options
-from mdmt_tf.training.trainer import ARCH_MODES
-
-STRATEGIES = ("plain", "dn", "dr", "mamdr")
-PRECISIONS = ("auto", "float32", "mixed_bfloat16")
-SERVING_PRECISIONS = ("float32", "bfloat16")
-DISTRIBUTE = ("none", "mirrored", "multiworker")
+from mdmt_tf.training.options import (
+    ARCH_MODES,
+    DISTRIBUTE,
+    INNER_OPTIMIZERS,
+    PRECISIONS,
+    REDUCTIONS,
+    SCOPES,
+    SERVING_PRECISIONS,
+    STRATEGIES,
+    check_mamdr_options,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +33,9 @@ class MAMDRConfig:
     dr_target_steps: int = 0    # cap on DR's pass over the target domain, in batches (0: none; "pass" only)
 
     def __post_init__(self):
-        check_options(granularity=self.granularity, inner_lr=self.inner_lr, outer_lr=self.outer_lr,
-                      dr_lr=self.dr_lr, k=self.k, inner_steps=self.inner_steps, dr_target_steps=self.dr_target_steps)
+        check_mamdr_options(granularity=self.granularity, inner_lr=self.inner_lr, outer_lr=self.outer_lr,
+                            dr_lr=self.dr_lr, k=self.k, inner_steps=self.inner_steps,
+                            dr_target_steps=self.dr_target_steps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +74,7 @@ class TrainConfig:
              f"MAMDR inner optimizer must be one of {INNER_OPTIMIZERS}"),
             (self.mamdr.scope in SCOPES, f"MAMDR scope must be one of {list(SCOPES)}"),
             (self.min_count >= 1, f"min count must be >= 1, got {self.min_count}"),
+            (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"),
             (self.serving_precision in SERVING_PRECISIONS,
              f"serving precision must be one of {list(SERVING_PRECISIONS)}, got {self.serving_precision!r}"),

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from keras import ops
 
+from mdmt_tf.training.options import REDUCTIONS
+
 EPSILON = 1e-7
-REDUCTIONS = ("pair", "sample")
 
 
 def bce(labels, probs):

@@ -72,11 +72,9 @@ from mdmt_tf.errors import ConfigError
 from mdmt_tf.layers._util import select_by_domain
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.training.losses import mdmt_loss
+from mdmt_tf.training.options import INNER_OPTIMIZERS, SCOPES, check_mamdr_options
 
 STRATEGIES = ("dn", "dr", "mamdr")
-SCOPES = ("dense", "all")
-INNER_OPTIMIZERS = ("sgd", "adam")
-GRANULARITIES = ("pass", "batch")
 DEFAULT_GRANULARITY = "pass"
 
 # what a train step does (the "phase" of its control dict)
@@ -281,7 +279,7 @@ class MAMDRTrainer(keras.Model):
             raise ConfigError(f"MAMDR strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise ConfigError(f"inner_optimizer must be one of {list(INNER_OPTIMIZERS)}, got {inner_optimizer!r}")
-        check_options(granularity=granularity, inner_lr=inner_lr, outer_lr=outer_lr, dr_lr=dr_lr, k=k,
+        check_mamdr_options(granularity=granularity, inner_lr=inner_lr, outer_lr=outer_lr, dr_lr=dr_lr, k=k,
                       inner_steps=inner_steps, dr_target_steps=dr_target_steps)
         self.net = model
         self.strategy, self.granularity = strategy, granularity
@@ -473,25 +471,6 @@ class MAMDRTrainer(keras.Model):
                                      trainable=False, autocast=False, name=delta.name)
                       for delta, i in zip(self.deltas, self.specific)]
         return DomainSpecificModel(base, deltas, self.specific)
-
-
-def check_options(*, granularity, inner_lr, outer_lr, dr_lr, k, inner_steps, dr_target_steps) -> None:
-    """ConfigError for an invalid MAMDR option (shared by MAMDRTrainer and MAMDRConfig)."""
-    if granularity not in GRANULARITIES:
-        raise ConfigError(f"MAMDR granularity must be one of {list(GRANULARITIES)}, got {granularity!r}")
-    for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr), ("dr_lr", dr_lr)):
-        if not value > 0:
-            raise ConfigError(f"MAMDR {name} must be > 0, got {value}")
-    if k < 1 or inner_steps < 1:
-        raise ConfigError(f"MAMDR k and inner_steps must be >= 1, got k={k}, inner_steps={inner_steps}")
-    if granularity == "pass" and inner_steps != 1:
-        raise ConfigError(f"MAMDR inner_steps={inner_steps} applies to granularity 'batch' (with 'pass' each "
-                          "domain is trained for one full pass)")
-    if dr_target_steps < 0:
-        raise ConfigError(f"MAMDR dr_target_steps must be >= 0 (0: no cap), got {dr_target_steps}")
-    if granularity == "batch" and dr_target_steps:
-        raise ConfigError(f"MAMDR dr_target_steps={dr_target_steps} applies to granularity 'pass' (with 'batch' "
-                          "DR takes inner_steps steps on the target domain)")
 
 
 class DomainSpecificModel(keras.Model):

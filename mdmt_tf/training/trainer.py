@@ -40,8 +40,7 @@ from mdmt_tf.compat import NoSymbolicBuild, in_multi_worker_mode
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.training.losses import bce, mdmt_loss
-
-ARCH_MODES = ("bilevel", "joint", "fixed", "authors")
+from mdmt_tf.training.options import ARCH_MODES
 
 
 def step_logs(logs: dict) -> dict:

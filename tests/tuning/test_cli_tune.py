@@ -53,3 +53,31 @@ def test_hparams_apply_the_search_budget(tmp_path):
     best, model, config = _train_args(tmp_path)
     assert model.params == best["params"] and config.learning_rate == 0.004
     assert (config.epochs, config.patience, config.batch_size) == (3, 1, 512)
+
+
+def test_flags_not_given_leave_trainconfig_defaults(tmp_path):
+    import dataclasses
+
+    from mdmt_tf.cli.train import MAMDR_FLAGS, TRAIN_FLAGS
+    from mdmt_tf.training.config import MAMDRConfig, TrainConfig
+
+    args = build_parser().parse_args(["train", "--out", str(tmp_path / "run")])
+    assert train_config_from_args(args) == TrainConfig()
+    # every setting has its flag (task weights: --task-weight), every flag names a setting
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"task_weights", "mamdr"}
+    assert set(TRAIN_FLAGS.values()) == fields
+    assert set(MAMDR_FLAGS.values()) == {f.name for f in dataclasses.fields(MAMDRConfig)}
+    assert all(hasattr(args, flag) for flag in [*TRAIN_FLAGS, *MAMDR_FLAGS])
+
+
+def test_hparams_apply_every_train_setting(tmp_path):
+    """A search's file may hold any TrainConfig setting (not only the budget and learning rates)."""
+    path = tmp_path / "best.yaml"
+    path.write_text(yaml.safe_dump({"name": "mlp", "params": {},
+                                    "train": {"min_count": 3, "arch_period": 2, "loss_reduction": "sample",
+                                              "mamdr": {"k": 3}}}))
+    args = build_parser().parse_args(["train", "--hparams", str(path), "--out", str(tmp_path / "run"),
+                                      "--mamdr-dr-lr", "0.25"])
+    config = train_config_from_args(args)
+    assert (config.min_count, config.arch_period, config.loss_reduction) == (3, 2, "sample")
+    assert (config.mamdr.k, config.mamdr.dr_lr) == (3, 0.25)
