@@ -21,6 +21,7 @@ import time
 
 # name -> (model, model params, trainer settings)
 CONFIGS = {
+    "m3oe/joint": ("m3oe", {}, {"arch_mode": "joint"}),  # mdmt train's default
     "m3oe/bilevel": ("m3oe", {}, {"arch_mode": "bilevel", "arch_period": 1}),
     "m3oe/bilevel-p10": ("m3oe", {}, {"arch_mode": "bilevel", "arch_period": 10}),
     "m3oe/authors": ("m3oe", {}, {"arch_mode": "authors"}),

@@ -44,7 +44,7 @@ class TrainConfig:
     batch_size: int = 2048
     learning_rate: float = 1e-3
     arch_learning_rate: float = 3e-3
-    arch_mode: str = "bilevel"
+    arch_mode: str = "joint"    # M3oE: joint (no search; measured best), bilevel, fixed, authors
     arch_period: int = 1
     arch_data: str = "holdout:0.1"  # bilevel's architecture batches: "holdout:FRACTION" of training or "val"
     patience: int = 3

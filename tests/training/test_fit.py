@@ -1,4 +1,5 @@
 """End to end: train() writes metrics.json, plots, a SavedModel, and resumes after an interruption."""
+import dataclasses
 import json
 
 import keras
@@ -27,7 +28,9 @@ def _schema_of(split: dict, domains, tasks):
 
 
 def test_train_writes_the_documented_outputs(data, tmp_path):
-    payload = train(ModelConfig("m3oe", SMALL), data, CONFIG, tmp_path, source="small", verbose=0)
+    # bilevel: the outputs of a search too (architecture steps, their trajectories)
+    payload = train(ModelConfig("m3oe", SMALL), data, dataclasses.replace(CONFIG, arch_mode="bilevel"), tmp_path,
+                    source="small", verbose=0)
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk == payload
     domains, tasks = data.vocab.domains, list(data.spec.tasks)

@@ -217,13 +217,15 @@ def test_holdout_slice_leaves_the_weight_steps_only_when_searching(name, params,
 
 def test_the_default_architecture_data_is_a_training_holdout_never_the_validation_split(enc, tmp_path):
     """By default bilevel's architecture batches are 10 % of the training rows: no validation
-    row (the split that picks the best epoch and scores tuner trials) ever reaches them."""
+    row (the split that picks the best epoch and scores tuner trials) ever reaches them.
+    (The default arch mode is joint, which searches nothing.)"""
     from mdmt_tf.models import ModelConfig
     from mdmt_tf.training.config import TrainConfig
     from mdmt_tf.training.fit import Run
 
     assert TrainConfig().arch_data == "holdout:0.1"
-    run = Run(ModelConfig("m3oe", SMALL), enc, TrainConfig(batch_size=10_000), tmp_path)
+    assert TrainConfig().arch_mode == "joint"
+    run = Run(ModelConfig("m3oe", SMALL), enc, TrainConfig(batch_size=10_000, arch_mode="bilevel"), tmp_path)
     trainer, train, _, _ = run._trainer(_m3oe(enc), enc)
     held_features, _ = trainer._heldout.get_next()
     train_features, _ = next(iter(train))
