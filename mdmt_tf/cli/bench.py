@@ -23,6 +23,36 @@ def cmd_bench_train(args) -> int:
     return 0
 
 
+def cmd_bench_scale(args) -> int:
+    from mdmt_tf.bench.scale import MODELS, main
+
+    models = MODELS if args.models == "all" else tuple(m.strip() for m in args.models.split(","))
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        from mdmt_tf.errors import ConfigError
+
+        raise ConfigError(f"unknown model(s) {unknown} for bench scale; valid: {list(MODELS)} or 'all'")
+    results = main(models, batch_size=args.batch_size, steps=args.steps, trials=args.trials,
+                   dense_adam=not args.no_dense_adam)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(results, fh, indent=1)
+    return 0
+
+
+def _add_scale_bench(kinds) -> None:
+    p = kinds.add_parser("scale", help="cost of a production-size vocabulary (10M users + 1M items) per training "
+                                       "step, MMoE and M3oE")
+    p.add_argument("--models", default="all", help="comma-separated: mmoe, m3oe; or 'all'")
+    p.add_argument("--batch-size", type=int, default=2048)
+    p.add_argument("--steps", type=int, default=10, help="steps per timed trial")
+    p.add_argument("--trials", type=int, default=3, help="timed trials (the median is reported)")
+    p.add_argument("--no-dense-adam", action="store_true",
+                   help="skip timing the large tables with Keras' dense Adam (~1 s a step)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.set_defaults(func=cmd_bench_scale)
+
+
 def _add_pipeline_bench(kinds) -> None:
     p = kinds.add_parser("pipeline", help="time the local TFX pipeline on N synthetic rows; per-component wall "
                                           "time, whole run, peak RSS")
@@ -51,9 +81,10 @@ def add_parsers(verbs) -> None:
 
     bench_serve.add_parser(kinds)
     _add_pipeline_bench(kinds)
+    _add_scale_bench(kinds)
     p = kinds.add_parser("train", help="training / inference examples/s, FLOP/s vs peak, peak RSS (M3oE, MMoE)")
-    p.add_argument("--configs", default="all", help="comma-separated: m3oe/bilevel, m3oe/bilevel-p10, "
-                                                    "m3oe/authors, mmoe; or 'all'")
+    p.add_argument("--configs", default="all", help="comma-separated: m3oe/joint (the default arch mode), "
+                                                    "m3oe/bilevel, m3oe/bilevel-p10, m3oe/authors, mmoe; or 'all'")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--steps", type=int, default=20, help="steps per timed trial")
     p.add_argument("--trials", type=int, default=5, help="timed trials (the median is reported)")

@@ -61,7 +61,8 @@ TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_r
                "arch_mode": "arch_mode", "arch_period": "arch_period", "arch_data": "arch_data",
                "patience": "patience", "seed": "seed", "loss_reduction": "loss_reduction", "strategy": "strategy",
                "precision": "precision", "jit": "jit_compile", "serving_precision": "serving_precision",
-               "min_count": "min_count", "strategy_distribute": "distribute", "eval_batch_size": "eval_batch_size"}
+               "min_count": "min_count", "strategy_distribute": "distribute", "eval_batch_size": "eval_batch_size",
+               "embedding_optimizer": "embedding_optimizer"}
 MAMDR_FLAGS = {"mamdr_inner_lr": "inner_lr", "mamdr_outer_lr": "outer_lr", "mamdr_dr_lr": "dr_lr", "mamdr_k": "k",
                "mamdr_inner_steps": "inner_steps", "mamdr_inner_optimizer": "inner_optimizer",
                "mamdr_scope": "scope", "mamdr_granularity": "granularity",
@@ -138,7 +139,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     from mdmt_tf.training.config import TrainConfig
     from mdmt_tf.training.options import (
         ARCH_MODES,
+        AUTO_ROWS,
         DISTRIBUTE,
+        EMBEDDING_OPTIMIZERS,
         GRANULARITIES,
         INNER_OPTIMIZERS,
         PRECISIONS,
@@ -194,6 +197,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="--strategy mamdr: DN's steps at theta + theta_d instead of at theta alone (Algorithm 3)")
     p.add_argument("--mamdr-dr-target-steps", type=int, default=None,
                    help="granularity pass: cap DR's pass over the target domain at N batches (0: no cap)")
+    p.add_argument("--embedding-optimizer", default=None, choices=EMBEDDING_OPTIMIZERS,
+                   help="how the weight optimizer updates embedding tables: row_sparse (Adam on the batch's rows "
+                        "only: a step costs the same whatever the vocabulary; moments of absent rows do not "
+                        "decay), adam (Keras' Adam: every row every step), auto (row_sparse from "
+                        f"{AUTO_ROWS:,} table rows); default {c.embedding_optimizer}")
     p.add_argument("--eval-batch-size", type=int, default=None,
                    help=f"rows per batch when scoring validation and test data; default {c.eval_batch_size}")
     p.add_argument("--min-count", type=int, default=None,

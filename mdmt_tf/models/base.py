@@ -76,7 +76,8 @@ class MDMTModel(keras.Model):
         p = self.params
         oov_fields = [f for f in (p.oov_fields or self.schema.sparse_names) if f in sizes]
         return FieldEmbedding(sizes, p.embedding_dim, l2=p.embedding_l2, oov_rate=p.oov_rate,
-                              oov_fields=oov_fields if p.oov_rate else (), dtype=self.dtype_policy, name=name)
+                              oov_fields=oov_fields if p.oov_rate else (), tables=p.embedding_tables,
+                              dtype=self.dtype_policy, name=name)
 
     def make_task_embeddings(self, fields) -> None:
         """Task-specific tables (STEM): one per task over `fields` (() = every sparse field);
@@ -134,6 +135,16 @@ class MDMTModel(keras.Model):
                     seen.add(id(variable))
                     found.append(variable)
         return found
+
+    @property
+    def embedding_tables(self) -> list:
+        """Every embedding table variable (FieldEmbedding's), shared and task-specific."""
+        return [table for layer in sublayers(self) if isinstance(layer, FieldEmbedding)
+                for table in layer.table_variables]
+
+    def embedding_rows(self) -> int:
+        """Rows of all embedding tables together (what a dense optimizer update touches)."""
+        return sum(int(table.shape[0]) for table in self.embedding_tables)
 
     @property
     def weight_variables(self) -> list:

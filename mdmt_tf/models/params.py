@@ -23,6 +23,8 @@ class Params:
       bucket, so the OOV embedding learns to serve ids unseen in training.
     oov_fields: fields oov_rate applies to; empty = every sparse field.
     dropout: dropout rate in the model's MLPs.
+    embedding_tables: "concat" (the fields' tables in one variable, one gather per batch)
+      or "per_field" (one variable per field, e.g. to keep a huge id table apart).
     """
 
     embedding_dim: int = 16
@@ -30,8 +32,10 @@ class Params:
     oov_rate: float = 0.0
     oov_fields: tuple[str, ...] = ()
     dropout: float = 0.0
+    embedding_tables: str = "concat"
 
-    CHOICES: ClassVar[dict[str, tuple]] = {}  # str hyper-parameter -> its valid values
+    BASE_CHOICES: ClassVar[dict[str, tuple]] = {"embedding_tables": ("concat", "per_field")}
+    CHOICES: ClassVar[dict[str, tuple]] = {}  # a model's own str hyper-parameters -> their valid values
     MAY_BE_EMPTY: ClassVar[frozenset] = frozenset({"oov_fields"})  # list hyper-parameters that may be []
 
     @classmethod
@@ -42,7 +46,8 @@ class Params:
         if unknown:
             raise ConfigError(f"{model}: unknown hyper-parameter(s) {unknown}; valid: {sorted(fields)}")
         hints = typing.get_type_hints(cls)
-        coerced = {name: _coerce(model, name, value, hints[name], cls.CHOICES.get(name))
+        coerced = {name: _coerce(model, name, value, hints[name],
+                                  {**cls.BASE_CHOICES, **cls.CHOICES}.get(name))
                    for name, value in values.items()}
         params = cls(**coerced)
         params.validate(model)

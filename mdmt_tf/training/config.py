@@ -9,6 +9,7 @@ from mdmt_tf.errors import ConfigError
 from mdmt_tf.training.options import (
     ARCH_MODES,
     DISTRIBUTE,
+    EMBEDDING_OPTIMIZERS,
     INNER_OPTIMIZERS,
     PRECISIONS,
     REDUCTIONS,
@@ -59,6 +60,9 @@ class TrainConfig:
     distribute: str = "none"    # "none", "mirrored" or "multiworker" (tf.distribute; TF_CONFIG for multiworker)
     min_count: int = 1
     eval_batch_size: int = 8192
+    # the weight optimizer's update of embedding tables: "row_sparse" (RowSparseAdam: only the
+    # batch's rows), "adam" (Keras' Adam: every row), "auto" (row_sparse from 100k table rows)
+    embedding_optimizer: str = "auto"
 
     def __post_init__(self):
         checks = [
@@ -74,6 +78,11 @@ class TrainConfig:
              f"MAMDR inner optimizer must be one of {INNER_OPTIMIZERS}"),
             (self.mamdr.scope in SCOPES, f"MAMDR scope must be one of {list(SCOPES)}"),
             (self.min_count >= 1, f"min count must be >= 1, got {self.min_count}"),
+            (self.strategy == "plain" or self.embedding_optimizer != "row_sparse",
+             f"--embedding-optimizer row_sparse applies to --strategy plain (MAMDR's {self.strategy!r} steps use "
+             "Keras' Adam; 'auto' picks it)"),
+            (self.embedding_optimizer in EMBEDDING_OPTIMIZERS,
+             f"embedding optimizer must be one of {list(EMBEDDING_OPTIMIZERS)}, got {self.embedding_optimizer!r}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"),
             (self.serving_precision in SERVING_PRECISIONS,

@@ -15,6 +15,7 @@ from mdmt_tf.data.dataset import make_dataset
 from mdmt_tf.training.config import TrainConfig
 from mdmt_tf.training.encoded import EncodedData, take
 from mdmt_tf.training.mamdr import MAMDRTrainer
+from mdmt_tf.training.optimizers import weight_optimizer
 from mdmt_tf.training.trainer import MDMTTrainer
 
 
@@ -88,7 +89,10 @@ def _plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learni
                           else c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
                           steps_per_epoch=int(np.ceil(len(train_rows) / c.batch_size)),
                           task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
-                          jit_compile=c.jit_compile)
+                          jit_compile=c.jit_compile,
+                          weight_optimizer=weight_optimizer(
+                              c.embedding_optimizer, learning_rate if learning_rate is not None else c.learning_rate,
+                              model.embedding_rows()))
     train = make_dataset(take(enc.features["train"], train_rows), take(enc.labels["train"], train_rows),
                          batch_size=c.batch_size, shuffle=True, seed=seed, drop_remainder=drop_remainder)
     return trainer, train

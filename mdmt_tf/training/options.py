@@ -11,6 +11,8 @@ STRATEGIES = ("plain", "dn", "dr", "mamdr")
 PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 SERVING_PRECISIONS = ("float32", "bfloat16")
 DISTRIBUTE = ("none", "mirrored", "multiworker")
+EMBEDDING_OPTIMIZERS = ("auto", "adam", "row_sparse")
+AUTO_ROWS = 100_000  # "auto": row_sparse from this many embedding table rows (mdmt bench scale)
 
 # MAMDR
 SCOPES = ("dense", "all")

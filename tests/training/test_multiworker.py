@@ -28,12 +28,14 @@ def _weights(checkpoint_dir):
     return {n: reader.get_tensor(n) for n in names}
 
 
-def test_two_workers_finish_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("arch_mode, embedding_optimizer", [("bilevel", "adam"), ("joint", "row_sparse")])
+def test_two_workers_finish_with_identical_weights(tmp_path, arch_mode, embedding_optimizer):
     cluster = [f"127.0.0.1:{p}" for p in _ports(2)]
     out = tmp_path / "run"
     command = [sys.executable, "-m", "mdmt_tf", "train", "--model", "m3oe", "--data", "synthetic:3000",
                "--out", str(out), "--epochs", "2", "--batch-size", "256", "--strategy-distribute", "multiworker",
-               "--precision", "float32", "--param", "bottom_units=[32, 16]", "--param", "expert_units=[16, 8]",
+               "--precision", "float32", "--arch-mode", arch_mode, "--embedding-optimizer", embedding_optimizer,
+               "--param", "bottom_units=[32, 16]", "--param", "expert_units=[16, 8]",
                "--param", "tower_units=[8]", "--param", "embedding_dim=4"]
     workers = []
     for index in range(2):
@@ -54,8 +56,10 @@ def test_two_workers_finish_with_identical_weights(tmp_path):
     assert metrics["epochs_trained"] == 2 and metrics["config"]["distribute"] == "multiworker"
     # the gradients were all-reduced over both workers: 2 replicas in sync, and each step took
     # one global batch of 256 (128 per worker), so an epoch is ceil(weight rows / 256) steps, the
-    # weight rows being the 90 % of training rows that the architecture's held-out slice leaves
+    # weight rows being (bilevel) the 90 % of training rows that the architecture's held-out
+    # slice leaves; row_sparse: the embedding gradients all-gathered as IndexedSlices
     assert metrics["replicas"] == 2
     train_rows = metrics["data"]["rows"]["train"]
-    weight_rows = train_rows - round(0.1 * train_rows)
-    assert metrics["steps"]["weight"] == metrics["steps"]["architecture"] == 2 * -(-weight_rows // 256)
+    weight_rows = train_rows - (round(0.1 * train_rows) if arch_mode == "bilevel" else 0)
+    assert metrics["steps"]["weight"] == 2 * -(-weight_rows // 256)
+    assert metrics["steps"].get("architecture", 0) == (metrics["steps"]["weight"] if arch_mode == "bilevel" else 0)

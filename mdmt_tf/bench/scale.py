@@ -1,0 +1,115 @@
+"""`mdmt bench scale`: what a production-size vocabulary costs a training step.
+
+`vocab`: for MMoE and M3oE, the median time of a training step (the trainer `mdmt train`
+builds, default settings, batch 2048, the synthetic data's batches) with the synthetic
+vocabulary (~4k users, ~2k items) and with the same batches looked up in tables of 10M
+users and 1M items (the ids spread over the table by a fixed permutation-like hash), each
+configuration in its own process. `slowdown` = large / small with the default weight
+optimizer (`--embedding-optimizer auto`: RowSparseAdam for the large tables); `dense_adam`
+times the large tables with Keras' Adam, which updates every row each step, for contrast.
+
+Rows and pipeline scaling (streaming input, issue 16 items 2 and 5) are not measured here
+yet: the JSON's "rows" and "pipeline" are null until that path exists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+
+LARGE = {"user_id": 10_000_000, "item_id": 1_000_000}
+MODELS = ("mmoe", "m3oe")
+HASH = 2_654_435_761  # Knuth's multiplicative constant: spreads consecutive ids over the table
+
+
+def widen(enc, sizes: dict):
+    """The encoded data with the tables of `sizes`' fields that large: each id i > 0 (0 stays
+    the OOV row) moves to 1 + (i * HASH) mod (size - 1), so a batch's rows are spread over
+    the table as a production vocabulary's would be."""
+    import numpy as np
+
+    schema = dataclasses.replace(enc.schema, sparse=tuple((name, sizes.get(name, size))
+                                                          for name, size in enc.schema.sparse))
+    features = {}
+    for split, columns in enc.features.items():
+        columns = dict(columns)
+        for name, size in sizes.items():
+            ids = np.asarray(columns[name]).astype(np.int64)
+            columns[name] = np.where(ids > 0, 1 + (ids * HASH) % (size - 1), 0).astype(np.int32)
+        features[split] = columns
+    return dataclasses.replace(enc, schema=schema, features=features)
+
+
+def run_vocab(model_name: str, large: bool, optimizer: str, batch_size: int, steps: int, trials: int) -> dict:
+    """One configuration's median ms per training step (`main` runs each in a subprocess)."""
+    import keras
+
+    from mdmt_tf.bench.train import _median, timed_fit
+    from mdmt_tf.data.dataset import MDMTData
+    from mdmt_tf.data.sources import load_source
+    from mdmt_tf.models import build_model
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.training.encoded import EncodedData
+    from mdmt_tf.training.factory import make_trainer
+    from mdmt_tf.training.runtime import resolve_precision
+
+    keras.utils.set_random_seed(0)
+    precision = resolve_precision("auto")
+    enc = EncodedData.from_data(MDMTData.build(*load_source("synthetic")))
+    if large:
+        enc = widen(enc, LARGE)
+    model = build_model(model_name, enc.schema, dtype=precision)
+    config = TrainConfig(batch_size=batch_size, precision=precision, embedding_optimizer=optimizer)
+    setup = make_trainer(model, enc, config, seed=0, drop_remainder=True)
+    trainer, train = setup.trainer, setup.train.repeat()
+    trainer.compile()
+    trainer.fit(train, epochs=1, steps_per_epoch=3, verbose=0, shuffle=False)  # trace and warm up
+    seconds = _median([timed_fit(trainer, train, steps) for _ in range(trials)])
+    return {"model": model_name, "large": large, "optimizer": optimizer,
+            "weight_optimizer": type(trainer.weight_optimizer).__name__, "table_rows": model.embedding_rows(),
+            "ms_per_step": 1000 * seconds / steps, "precision": precision, "batch_size": batch_size,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _subprocess(call: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", "import json; from mdmt_tf.bench.scale import run_vocab;"
+                           f"print('RESULT', json.dumps({call}))"], capture_output=True, text=True)
+    line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise RuntimeError(f"benchmark {call} failed")
+    return json.loads(line[len("RESULT "):])
+
+
+def main(models=MODELS, batch_size: int = 2048, steps: int = 10, trials: int = 3, dense_adam: bool = True) -> dict:
+    """Measure, print a table, return {"vocab": {model: {...}}, "rows": None, "pipeline": None}."""
+    from mdmt_tf.report.tables import markdown_table
+
+    vocab, rows = {}, []
+    for name in models:
+        runs = {}
+        plan = [("small", False, "auto"), ("large", True, "auto")] + ([("dense_adam", True, "adam")]
+                                                                      if dense_adam else [])
+        for key, large, optimizer in plan:
+            print(f"[bench] {name}: {key} vocabulary, --embedding-optimizer {optimizer} "
+                  f"({trials} x {steps} steps, batch {batch_size}) ...", flush=True)
+            runs[key] = _subprocess(f"run_vocab({name!r}, {large}, {optimizer!r}, {batch_size}, {steps}, {trials})")
+        small, large = runs["small"]["ms_per_step"], runs["large"]["ms_per_step"]
+        vocab[name] = {"small_ms_per_step": small, "large_ms_per_step": large, "slowdown": large / small,
+                       "small_table_rows": runs["small"]["table_rows"], "large_table_rows": runs["large"]["table_rows"],
+                       "large_optimizer": runs["large"]["weight_optimizer"],
+                       "large_peak_rss_mib": runs["large"]["peak_rss_mib"]}
+        if "dense_adam" in runs:
+            vocab[name]["large_dense_adam_ms_per_step"] = runs["dense_adam"]["ms_per_step"]
+        rows.append([name, f"{runs['small']['table_rows']:,}", f"{small:.1f}", f"{runs['large']['table_rows']:,}",
+                     f"{large:.1f} ({runs['large']['weight_optimizer']})", f"{large / small:.2f}x",
+                     f"{runs['dense_adam']['ms_per_step']:.0f}" if "dense_adam" in runs else "-",
+                     f"{runs['large']['peak_rss_mib']:,.0f}"])
+    print(markdown_table(["model", "small: table rows", "ms/step", "large: table rows", "ms/step", "slowdown",
+                          "large, Keras Adam: ms/step", "large: peak RSS MiB"], rows))
+    print(f"median over {trials} x {steps} steps at steady state, batch {batch_size}; large = 10M users + 1M "
+          "items. target: slowdown <= 1.5x")
+    print("rows / pipeline: not measured yet (the streaming input path of issue 16 does not exist yet)")
+    return {"vocab": vocab, "rows": None, "pipeline": None}
