@@ -64,9 +64,14 @@ class PipelineConfig:
         if not 0 <= self.auc_floor < 1 or self.max_auc_drop < 0:
             raise ConfigError(f"need 0 <= auc_floor < 1 and max_auc_drop >= 0, got {self.auc_floor}, "
                               f"{self.max_auc_drop}")
-        if not Path(self.data_root).exists():
+        # a remote URI (gs://, s3://, hdfs://...) is for the cluster's workers: never probed here
+        if is_remote(self.data_root):
+            if self.data_format == "auto":
+                raise ConfigError(f"data_root {self.data_root} is remote and is not probed: set data_format to csv "
+                                  "or tfrecord (mdmt pipeline compile --data-format)")
+        elif not Path(self.data_root).exists():
             raise ConfigError(f"data_root {self.data_root} does not exist")
-        if self.schema_path and not Path(self.schema_path).exists():
+        if self.schema_path and not is_remote(self.schema_path) and not Path(self.schema_path).exists():
             raise ConfigError(f"schema_path {self.schema_path} does not exist")
 
     @property
@@ -100,3 +105,9 @@ class PipelineConfig:
         """What the module file receives (plain JSON-able values)."""
         return {"spec": self.dataset_spec.to_dict(), "model": dict(self.model), "train": dict(self.train),
                 "min_count": TrainConfig.from_dict(self.train).min_count, "tune": dict(self.tuning)}
+
+
+def is_remote(path: str | Path) -> bool:
+    """A URI with a scheme (gs://, s3://, hdfs://, ...): read by TFX's filesystems on the
+    cluster, never probed from the machine that compiles the pipeline."""
+    return "://" in str(path)

@@ -12,14 +12,19 @@ from pathlib import Path
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
 
-from .config import PipelineConfig
+from .config import PipelineConfig, is_remote
 from .custom_components import AnomalyGate, SchemaCurator
 
 SPLITS = {"train": ("train",), "eval": ("val", "eval"), "test": ("test",)}
 
 
 def _input_config(config: PipelineConfig):
-    """Honour a train / val / test file split; else None (ExampleGen hashes 8:1:1)."""
+    """Honour a train / val / test file split; else None (ExampleGen hashes 8:1:1). A remote
+    data_root is not listed: it must hold train*, val* and test* files (e.g. train.csv, or
+    train-00000-of-00008.tfrecord.gz shards)."""
+    if is_remote(config.data_root):
+        return tfx.proto.Input(splits=[tfx.proto.Input.Split(name=split, pattern=f"{stems[0]}*")
+                                       for split, stems in SPLITS.items()])
     root = Path(config.data_root)
     if not root.is_dir():
         return tfx.proto.Input(splits=[tfx.proto.Input.Split(name="single", pattern=root.name)])
@@ -36,7 +41,7 @@ def _input_config(config: PipelineConfig):
 def _example_gen(config: PipelineConfig):
     input_config = _input_config(config)
     root = Path(config.data_root)
-    base = str(root if root.is_dir() else root.parent)
+    base = config.data_root if is_remote(config.data_root) else str(root if root.is_dir() else root.parent)
     output_config = None
     if input_config is None or input_config.splits[0].name == "single":
         output_config = tfx.proto.Output(split_config=tfx.proto.SplitConfig(splits=[

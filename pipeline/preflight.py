@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mdmt_tf.errors import DataError
 
-from .config import PipelineConfig
+from .config import PipelineConfig, is_remote
 
 
 def csv_files(config: PipelineConfig) -> list[Path]:
@@ -26,8 +26,9 @@ def csv_files(config: PipelineConfig) -> list[Path]:
 
 
 def check_csv_inputs(config: PipelineConfig) -> None:
-    """Raise DataError for the first structural problem in the CSV inputs; no-op for TFRecord."""
-    if config.format != "csv":
+    """Raise DataError for the first structural problem in the CSV inputs; no-op for TFRecord
+    and for remote inputs (StatisticsGen / ExampleValidator check those)."""
+    if is_remote(config.data_root) or config.format != "csv":
         return
     files = csv_files(config)
     if not files:

@@ -49,9 +49,20 @@ def build_config(args, for_cluster: bool = False):
     base = yaml.safe_load(Path(args.config).read_text()) if args.config else {}
     if args.config and not isinstance(base, dict):
         raise ConfigError(f"{args.config} must hold a mapping of pipeline settings")
-    if args.data or "data_root" not in base:
+    given_root = getattr(args, "data_root", None)
+    if given_root and not args.data:  # compile: the cluster's data; nothing written or probed here
+        if args.spec:
+            from mdmt_tf.spec import DatasetSpec
+
+            base["spec"] = DatasetSpec.from_yaml(args.spec).to_dict()
+        elif "spec" not in base:
+            raise ConfigError(f"--data-root {given_root} needs the dataset spec: --spec SPEC.yaml (a local file) "
+                              "or `spec` in --config")
+    elif args.data or "data_root" not in base:
         data_root, spec = prepare_data(args.data or "synthetic", root, args.spec)
         base.update(data_root=data_root, spec=spec)
+    if getattr(args, "data_format", None):
+        base["data_format"] = args.data_format
     base.setdefault("pipeline_root", str(root / "root"))
     base.setdefault("metadata_path", str(root / "metadata.sqlite"))
     base.setdefault("serving_dir", str(root / "serving"))
@@ -158,6 +169,9 @@ def add_parsers(verbs) -> None:
     p.add_argument("--pipeline-root", default=None, help="e.g. gs://bucket/mdmt/root")
     p.add_argument("--data-root", default=None, help="e.g. gs://bucket/mdmt/data")
     p.add_argument("--serving-dir", default=None, help="e.g. gs://bucket/mdmt/serving")
+    p.add_argument("--data-format", default=None, choices=("csv", "tfrecord"),
+                   help="the data's format; needed for a remote --data-root (never probed), which must hold "
+                        "train*, val* and test* files")
     _common(p)
     p.set_defaults(func=cmd_compile)
 
