@@ -45,6 +45,29 @@ from mdmt_tf.training.losses import bce, mdmt_loss
 from mdmt_tf.training.options import ARCH_MODES
 
 
+def replicas_in_sync() -> int:
+    """Replicas whose gradients are summed (Keras 3 all-reduces with SUM; 1 outside a
+    strategy). Each replica's loss is divided by it, so N replicas take the step one device
+    takes on the global batch: exactly for --loss-reduction sample (equal per-replica
+    batches), and for the default "pair" reduction the mean of the replicas' per-(domain,
+    task) means, which equals the global one in expectation."""
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def replica_shard(batch):
+    """This replica's rows of a batch every replica reads whole (the architecture step's
+    held-out batch: each worker's iterator yields the same global batch, as they share the
+    seed): rows i, i + N, i + 2N, ... for replica i of N; the batch itself outside a strategy.
+    (With several devices in one process, each replica draws its own batch from the shared
+    iterator and keeps its share of it.)"""
+    context = tf.distribute.get_replica_context()
+    n = context.num_replicas_in_sync if context is not None else 1
+    if n == 1:
+        return batch
+    index = context.replica_id_in_sync_group
+    return tf.nest.map_structure(lambda x: x[index::n], batch)
+
+
 def step_logs(logs: dict) -> dict:
     """A train_step's logs. Across several workers Keras averages them along axis 0, which
     scalars lack: give them a length-1 axis there (it reduces back to a scalar)."""
@@ -155,7 +178,8 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
     def _weight_step_impl(self, features, labels):
         with tf.GradientTape() as tape:
             total, loss = self.loss_of(features, labels)
-        grads = tape.gradient(total, self.weight_vars)
+            scaled = total / replicas_in_sync()
+        grads = tape.gradient(scaled, self.weight_vars)
         self.weight_optimizer.apply(grads, self.weight_vars)
         return loss
 
@@ -176,7 +200,8 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             tape.watch(handles)
             total, loss = self.arch_loss_of(features, labels)
-        grads = tape.gradient(total, handles)
+            scaled = total / replicas_in_sync()
+        grads = tape.gradient(scaled, handles)
         self.arch_optimizer.apply(grads, self.arch_vars)
         return loss
 
@@ -184,7 +209,7 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         if self._heldout is None:  # only searching trainers take architecture steps, and they all have one
             raise ValueError("MDMTTrainer: an architecture step needs the held-out stream")
         held_features, held_labels = self._heldout.get_next()
-        return self._arch_step(held_features, held_labels)
+        return self._arch_step(*replica_shard((held_features, held_labels)))
 
     def _maybe_arch_step(self):
         """An architecture step if one is due now; returns (its loss or 0, 1.0 if taken else 0.0).

@@ -63,3 +63,33 @@ def test_two_workers_finish_with_identical_weights(tmp_path, arch_mode, embeddin
     weight_rows = train_rows - (round(0.1 * train_rows) if arch_mode == "bilevel" else 0)
     assert metrics["steps"]["weight"] == 2 * -(-weight_rows // 256)
     assert metrics["steps"].get("architecture", 0) == (metrics["steps"]["weight"] if arch_mode == "bilevel" else 0)
+
+
+def test_two_workers_take_the_step_one_device_takes(tmp_path):
+    """One SGD step on a global batch of 64: two workers (32 rows each, gradients summed by
+    the all-reduce) end where one device does; so does the architecture step, whose held-out
+    batch each worker reads whole and splits by replica."""
+    script = os.path.join(os.path.dirname(__file__), "one_step_worker.py")
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    env.pop("TF_CONFIG", None)
+    single = subprocess.run([sys.executable, script, str(tmp_path / "single")], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    cluster = [f"127.0.0.1:{p}" for p in _ports(2)]
+    workers = []
+    for index in range(2):
+        worker_env = {**env, "TF_CONFIG": json.dumps({"cluster": {"worker": cluster},
+                                                      "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen([sys.executable, script, str(tmp_path / f"worker{index}"), "multiworker"],
+                                        env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr[-3000:]
+    one = np.load(tmp_path / "single.npz")
+    for index in range(2):
+        two = np.load(tmp_path / f"worker{index}.npz")
+        assert set(two.files) == set(one.files)
+        for name in one.files:
+            np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-5, err_msg=name)
+    start = np.load(tmp_path / "single.npz")
+    assert any("alpha" in name or "beta" in name for name in start.files)  # the search's scalars were compared
