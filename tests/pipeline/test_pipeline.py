@@ -181,7 +181,7 @@ def test_a_regression_against_the_blessed_model_is_not_pushed(first_run):
         config, tune=False, auc_floor=0.0, max_auc_drop=0.0,
         model={"name": "m3oe", "params": {"bottom_units": [16, 8], "expert_units": [8, 4], "tower_units": [4],
                                           "embedding_dim": 4}},
-        train={"epochs": 1, "batch_size": 256, "learning_rate": 1e-7, "patience": 1})
+        train={"epochs": 1, "batch_size": 256, "learning_rate": 1e-7, "patience": 1, "arch_mode": "bilevel"})
     summary = run(worse)
     assert summary.blessed is False and summary.pushed_to is None
     assert len(_versions(config)) == 1
