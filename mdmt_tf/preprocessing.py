@@ -6,6 +6,8 @@ Vocabularies. It maps
   domain value (string)  -> index into vocab.domains (int32); an unknown value fails
                             with InvalidArgument "unknown value of domain column ..."
   sparse value (string)  -> id (int32): 1..len(vocab) for known values, 0 = OOV bucket
+                            (or the spec's per-field rule: several OOV buckets, or
+                            hashing; mdmt_tf.data.idmap)
   dense value (number)   -> (x - mean) / std (float32), training-split statistics
 
 Training applies it once to the in-memory arrays (`encode`); the exported SavedModel
@@ -18,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mdmt_tf.data.idmap import hashed_ids
 from mdmt_tf.data.vocab import Vocabularies
 from mdmt_tf.spec import DatasetSpec
 
@@ -38,8 +41,8 @@ class FeatureFront(keras.layers.Layer):
         self.lookups = {
             name: keras.layers.StringLookup(
                 vocabulary=list(self.vocab.sparse[name]) or ["<no training values>"],
-                num_oov_indices=1, output_mode="int", name=f"lookup_{name}")
-            for name in self.spec.sparse}
+                num_oov_indices=self.vocab.oov_buckets.get(name, 1), output_mode="int", name=f"lookup_{name}")
+            for name in self.spec.sparse if name not in self.vocab.hash_bins}
         self.mean = {n: float(self.vocab.dense_mean[n]) for n in self.spec.dense}
         self.std = {n: max(float(self.vocab.dense_std[n]), _MIN_STD) for n in self.spec.dense}
 
@@ -70,7 +73,10 @@ class FeatureFront(keras.layers.Layer):
         with tf.control_dependencies([check]):
             out[spec.domain] = tf.identity(domain)
         for name in spec.sparse:
-            out[name] = tf.cast(self.lookups[name](_as_string(inputs[name])), tf.int32)
+            if name in self.vocab.hash_bins:
+                out[name] = tf.cast(hashed_ids(_as_string(inputs[name]), self.vocab.hash_bins[name]), tf.int32)
+            else:
+                out[name] = tf.cast(self.lookups[name](_as_string(inputs[name])), tf.int32)
         for name in spec.dense:
             value = tf.cast(inputs[name], tf.float32)
             out[name] = (value - self.mean[name]) / self.std[name]

@@ -14,6 +14,16 @@ Optional keys:
     domains: ["<25", "25-34", ">=35"]   # the domain values, in display order. Without it
                                         # the values seen in training, sorted (numbers
                                         # numerically). With it, other values are errors.
+    vocab:                              # per sparse field, how its values become ids
+      user_id: {min_count: 2, top_k: 5000000, oov_buckets: 16}
+      item_id: {hash_bins: 1000000}
+
+`vocab` (mdmt_tf.spec.FieldVocab) has the same meaning in the library, in the pipeline's
+Transform and in the served models: a vocabulary of the training values seen at least
+`min_count` times (default: the run's --min-count), the `top_k` most frequent of them
+(ties: the larger value first, as tensorflow-transform), and `oov_buckets` ids that the
+other values hash into (ids 0..oov_buckets-1; the vocabulary follows); or, with
+`hash_bins`, no vocabulary at all: a value hashes into ids 1..hash_bins-1 (id 0: empty).
 """
 from __future__ import annotations
 
@@ -42,6 +52,46 @@ def _as_names(value: Any, key: str) -> tuple[str, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
+class FieldVocab:
+    """How one sparse field's values become ids (see the module doc)."""
+
+    min_count: int | None = None
+    top_k: int | None = None
+    oov_buckets: int = 1
+    hash_bins: int | None = None
+
+    KEYS = ("min_count", "top_k", "oov_buckets", "hash_bins")
+
+    @classmethod
+    def from_dict(cls, data: Any, field: str) -> "FieldVocab":
+        where = f"spec key 'vocab.{field}'"
+        if not isinstance(data, Mapping):
+            raise SpecError(f"{where} must be a mapping with keys {list(cls.KEYS)}, got {data!r}")
+        unknown = sorted(set(data) - set(cls.KEYS))
+        if unknown:
+            raise SpecError(f"{where}: unknown key(s) {unknown}; valid keys are {list(cls.KEYS)}")
+        for key, value in data.items():
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise SpecError(f"spec key 'vocab.{field}.{key}' must be a positive integer, got {value!r}")
+        rule = cls(**data)
+        if rule.hash_bins is not None:
+            if rule.hash_bins < 2:
+                raise SpecError(f"spec key 'vocab.{field}.hash_bins' must be >= 2 (id 0 is the empty value), got "
+                                f"{rule.hash_bins}")
+            if rule.min_count is not None or rule.top_k is not None or rule.oov_buckets != 1:
+                raise SpecError(f"{where}: hash_bins hashes every value (no vocabulary): drop min_count, top_k "
+                                "and oov_buckets, or drop hash_bins")
+        return rule
+
+    @property
+    def hashed(self) -> bool:
+        return self.hash_bins is not None
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.KEYS if getattr(self, k) != getattr(FieldVocab(), k)}
+
+
+@dataclasses.dataclass(frozen=True)
 class DatasetSpec:
     """Columns of a multi-domain multi-task dataset.
 
@@ -54,6 +104,8 @@ class DatasetSpec:
         index 0 the out-of-vocabulary bucket.
       dense: numeric feature columns, standardised with training-split statistics.
       domains: optional explicit list of domain values (order used in reports).
+      vocab: {sparse field: FieldVocab}, the fields whose ids are not the default
+        (a vocabulary of every training value, one OOV id 0).
     """
 
     domain: str
@@ -61,6 +113,7 @@ class DatasetSpec:
     sparse: tuple[str, ...] = ()
     dense: tuple[str, ...] = ()
     domains: tuple[str, ...] | None = None
+    vocab: Mapping[str, FieldVocab] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         object.__setattr__(self, "tasks", _as_names(self.tasks, "tasks"))
@@ -68,6 +121,10 @@ class DatasetSpec:
         object.__setattr__(self, "dense", _as_names(self.dense, "dense"))
         if self.domains is not None:
             object.__setattr__(self, "domains", tuple(str(d) for d in _as_names(self.domains, "domains")))
+        if not isinstance(self.vocab, Mapping):
+            raise SpecError(f"spec key 'vocab' must map sparse fields to their settings, got {self.vocab!r}")
+        object.__setattr__(self, "vocab", {str(k): v if isinstance(v, FieldVocab) else FieldVocab.from_dict(v, k)
+                                           for k, v in self.vocab.items()})
         self.validate()
 
     # ------------------------------------------------------------------ checks
@@ -93,6 +150,10 @@ class DatasetSpec:
                     raise SpecError(f"column {name!r} appears twice in the spec (in '{seen[name]}' and "
                                     f"'{role}'); each column has one role")
                 seen[name] = role
+        unknown = [f for f in self.vocab if f not in self.sparse]
+        if unknown:
+            raise SpecError(f"spec key 'vocab' names {unknown}, which are not sparse columns; sparse: "
+                            f"{list(self.sparse)}")
         if self.domains is not None:
             if len(self.domains) < 1 or len(set(self.domains)) != len(self.domains):
                 raise SpecError(f"spec key 'domains' must list distinct domain values, got {list(self.domains)}")
@@ -107,6 +168,10 @@ class DatasetSpec:
     def columns(self) -> tuple[str, ...]:
         """Every column the spec names: features then labels."""
         return (*self.features, *self.tasks)
+
+    def field_vocab(self, name: str) -> FieldVocab:
+        """The id rule of sparse field `name` (the default when the spec gives none)."""
+        return self.vocab.get(name, FieldVocab())
 
     def missing_columns(self, present: Iterable[str]) -> list[str]:
         present = set(present)
@@ -127,7 +192,7 @@ class DatasetSpec:
                 raise SpecError(f"{source}: spec key '{key}' is required (keys given: {sorted(data)})")
         try:
             return cls(domain=data["domain"], tasks=data["tasks"], sparse=data.get("sparse"),
-                       dense=data.get("dense"), domains=data.get("domains"))
+                       dense=data.get("dense"), domains=data.get("domains"), vocab=data.get("vocab") or {})
         except SpecError as err:
             raise SpecError(f"{source}: {err}") from None
 
@@ -147,6 +212,8 @@ class DatasetSpec:
                                "sparse": list(self.sparse), "dense": list(self.dense)}
         if self.domains is not None:
             out["domains"] = list(self.domains)
+        if self.vocab:
+            out["vocab"] = {name: rule.to_dict() for name, rule in self.vocab.items()}
         return out
 
     def to_yaml(self, path: str | Path | None = None) -> str:

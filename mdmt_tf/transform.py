@@ -3,7 +3,9 @@
 It produces exactly the model inputs of the library path (mdmt_tf.preprocessing):
 
   sparse feature  -> int64 id: 1..V for the V values of the training vocabulary (values
-                     seen at least `min_count` times), 0 for anything else (the OOV bucket)
+                     seen at least `min_count` times), 0 for anything else (the OOV bucket);
+                     or the spec's per-field rule (`vocab`: min_count, top_k, oov_buckets,
+                     hash_bins), through the same functions as the library (mdmt_tf.data.idmap)
   domain          -> index into the domain list: the spec's `domains` if declared, else the
                      training vocabulary (most frequent first); -1 for an unknown value,
                      which the serving front rejects with an error naming the column
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from mdmt_tf.spec import DatasetSpec
+from mdmt_tf.data.idmap import from_transform_ids, hashed_ids
+from mdmt_tf.spec import DatasetSpec, FieldVocab
 
 DOMAIN_VOCABULARY = "domain"
 
@@ -47,14 +50,18 @@ def domain_index(values, spec: DatasetSpec):
                                             vocab_filename=DOMAIN_VOCABULARY)
 
 
-def sparse_ids(values, name: str, min_count: int = 1):
-    """Strings -> ids with 0 = OOV and 1..V for the training vocabulary."""
+def sparse_ids(values, name: str, min_count: int = 1, rule: FieldVocab | None = None):
+    """Strings -> ids as the library maps them: by default 0 = OOV and 1..V for the training
+    vocabulary; `rule` (the spec's vocab entry) may set the field's min_count, top_k,
+    oov_buckets, or hash_bins (no vocabulary)."""
     import tensorflow_transform as tft
 
-    ids = tft.compute_and_apply_vocabulary(values, num_oov_buckets=1, vocab_filename=name,
-                                           frequency_threshold=min_count)
-    size = tft.experimental.get_vocabulary_size_by_name(name)
-    return tf.where(ids >= size, tf.zeros_like(ids), ids + 1)
+    rule = rule or FieldVocab()
+    if rule.hash_bins is not None:
+        return hashed_ids(values, rule.hash_bins)
+    ids = tft.compute_and_apply_vocabulary(values, num_oov_buckets=rule.oov_buckets, vocab_filename=name,
+                                           frequency_threshold=rule.min_count or min_count, top_k=rule.top_k)
+    return from_transform_ids(ids, tft.experimental.get_vocabulary_size_by_name(name), rule.oov_buckets)
 
 
 def preprocessing_fn(inputs: dict, spec: DatasetSpec, min_count: int = 1) -> dict:
@@ -63,7 +70,7 @@ def preprocessing_fn(inputs: dict, spec: DatasetSpec, min_count: int = 1) -> dic
 
     outputs = {spec.domain: domain_index(_as_text(inputs[spec.domain]), spec)}
     for name in spec.sparse:
-        outputs[name] = sparse_ids(_as_text(inputs[name]), name, min_count)
+        outputs[name] = sparse_ids(_as_text(inputs[name]), name, min_count, spec.field_vocab(name))
     for name in spec.dense:
         outputs[name] = tft.scale_to_z_score(tf.cast(_dense_column(inputs[name], 0), tf.float32))
     for task in spec.tasks:

@@ -55,3 +55,28 @@ def test_serialization_round_trip_and_tf_data(data):
     ds = make_dataset(a, data.labels("val"), batch_size=128, shuffle=True, seed=0)
     features, labels = next(iter(ds))
     assert features["user_id"].shape == (128,) and set(labels) == {"click", "like"}
+
+
+def test_oov_buckets_and_hashing_in_the_front():
+    import tensorflow as tf
+
+    from mdmt_tf.data.vocab import Vocabularies
+    from mdmt_tf.preprocessing import FeatureFront
+    from mdmt_tf.spec import DatasetSpec
+
+    spec = DatasetSpec(domain="d", tasks=["y"], sparse=["s", "h"], vocab={"s": {"oov_buckets": 4},
+                                                                            "h": {"hash_bins": 50}})
+    vocab = Vocabularies(sparse={"s": ["p", "q"], "h": []}, domains=["a"], dense_mean={}, dense_std={},
+                         oov_buckets={"s": 4}, hash_bins={"h": 50})
+    front = FeatureFront.from_data(spec, vocab)
+    values = ["p", "q", "unseen", "other", "", "p"]
+    out = front({"d": tf.constant(["a"] * 6), "s": tf.constant(values), "h": tf.constant(values)})
+    s, h = out["s"].numpy(), out["h"].numpy()
+    assert list(s[[0, 1, 5]]) == [4, 5, 4]  # known values after the 4 OOV buckets
+    expected_oov = tf.strings.to_hash_bucket_fast(tf.constant(values[2:5]), 4).numpy()
+    assert list(s[2:5]) == list(expected_oov) and all(0 <= v < 4 for v in s[2:5])
+    assert h[4] == 0 and all(1 <= v < 50 for v in h[[0, 1, 2, 3, 5]]) and h[0] == h[5]
+    assert list(h[:4]) == list(1 + tf.strings.to_hash_bucket_fast(tf.constant(values[:4]), 49).numpy())
+    again = FeatureFront.from_config(front.get_config())
+    np.testing.assert_array_equal(again({"d": tf.constant(["a"]), "s": tf.constant(["other"]),
+                                         "h": tf.constant(["other"])})["s"].numpy(), s[[3]])

@@ -1,9 +1,13 @@
 """Vocabularies and dense statistics, built on the training split only.
 
-Sparse ids: each feature's values seen in training at least `min_count` times, most
-frequent first (ties by value). Id 0 is the out-of-vocabulary (OOV) bucket: a value
-unseen in training, rarer than `min_count`, or empty maps to 0, in training, evaluation
-and serving alike. Known values map to 1..len(vocabulary).
+Sparse ids: each feature's values seen in training at least `min_count` times (the spec's
+per-field `vocab.min_count`, else the run's), most frequent first (ties by value); with
+`vocab.top_k`, the k most frequent of them (ties at the cut: the larger value, as
+tensorflow-transform chooses). By default id 0 is the out-of-vocabulary (OOV) bucket: a
+value unseen in training, rarer than `min_count`, or empty maps to 0, in training,
+evaluation and serving alike, and known values map to 1..len(vocabulary); with
+`vocab.oov_buckets` k the OOV values hash into 0..k-1 and known values follow at k.
+A field with `vocab.hash_bins` has no vocabulary (mdmt_tf.data.idmap).
 
 Domains: the spec's `domains` list if given, else the training values sorted (numbers
 numerically). A domain value unseen in training is an error, not an OOV: a model has no
@@ -40,18 +44,29 @@ class Vocabularies:
     domains: list[str]
     dense_mean: dict[str, float]
     dense_std: dict[str, float]
+    oov_buckets: dict[str, int] = dataclasses.field(default_factory=dict)  # fields with k != 1
+    hash_bins: dict[str, int] = dataclasses.field(default_factory=dict)    # hashed fields (no vocabulary)
 
     @classmethod
     def build(cls, train: pd.DataFrame, spec: DatasetSpec, min_count: int = 1,
               source: str = "train") -> "Vocabularies":
         if min_count < 1:
             raise DataError(f"min_count must be >= 1, got {min_count}")
-        sparse = {}
+        sparse, oov_buckets, hash_bins = {}, {}, {}
         for name in spec.sparse:
+            rule = spec.field_vocab(name)
+            if rule.hash_bins is not None:
+                sparse[name], hash_bins[name] = [], rule.hash_bins
+                continue
+            if rule.oov_buckets != 1:
+                oov_buckets[name] = rule.oov_buckets
             counts = train[name][train[name] != ""].value_counts()
-            counts = counts[counts >= min_count]
-            # most frequent first, ties by value: deterministic
+            counts = counts[counts >= (rule.min_count or min_count)]
             frame = pd.DataFrame({"value": counts.index.astype(str), "count": counts.to_numpy()})
+            if rule.top_k is not None:  # the k most frequent, ties at the cut as tensorflow-transform: larger value
+                frame = frame.sort_values(["count", "value"], ascending=[False, False], kind="mergesort")
+                frame = frame.head(rule.top_k)
+            # most frequent first, ties by value: deterministic
             frame = frame.sort_values(["count", "value"], ascending=[False, True], kind="mergesort")
             sparse[name] = frame["value"].tolist()
         seen = sorted(set(train[spec.domain]), key=natural_key)
@@ -66,11 +81,14 @@ class Vocabularies:
             domains = seen
         mean = {n: float(np.mean(train[n].to_numpy(np.float64))) for n in spec.dense}
         std = {n: float(np.std(train[n].to_numpy(np.float64))) for n in spec.dense}
-        return cls(sparse=sparse, domains=domains, dense_mean=mean, dense_std=std)
+        return cls(sparse=sparse, domains=domains, dense_mean=mean, dense_std=std, oov_buckets=oov_buckets,
+                   hash_bins=hash_bins)
 
     def size(self, feature: str) -> int:
-        """Number of ids of a sparse feature, OOV bucket included."""
-        return len(self.sparse[feature]) + 1
+        """Number of ids of a sparse feature, OOV buckets included (its embedding table's rows)."""
+        if feature in self.hash_bins:
+            return self.hash_bins[feature]
+        return len(self.sparse[feature]) + self.oov_buckets.get(feature, 1)
 
     @property
     def num_domains(self) -> int:

@@ -87,7 +87,7 @@ def feature_schema(spec: DatasetSpec, transform_output_dir: str, domains: list[s
     import tensorflow_transform as tft
 
     output = tft.TFTransformOutput(transform_output_dir)
-    sizes = tuple((name, output.vocabulary_size_by_name(name) + 1) for name in spec.sparse)
+    sizes = tuple((name, _table_rows(output, spec, name)) for name in spec.sparse)
     return FeatureSchema(domain=spec.domain, domains=tuple(domains), tasks=spec.tasks, sparse=sizes,
                          dense=spec.dense)
 
@@ -165,3 +165,12 @@ def train_from_artifacts(*, train_files, eval_files, transform_output_dir: str, 
     run = Run(model_config, encoded, TrainConfig.from_dict(train), run_dir, source=source, verbose=2,
               model_dir=serving_model_dir)
     return run.run()
+
+
+def _table_rows(output, spec: DatasetSpec, name: str) -> int:
+    """A sparse field's ids (its embedding table's rows) after Transform: the vocabulary and
+    its OOV buckets, or the hash bins (mdmt_tf.data.idmap)."""
+    rule = spec.field_vocab(name)
+    if rule.hash_bins is not None:
+        return rule.hash_bins
+    return output.vocabulary_size_by_name(name) + rule.oov_buckets

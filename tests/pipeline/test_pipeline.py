@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
@@ -287,7 +288,9 @@ def test_tfrecord_inputs_and_a_curated_schema(first_run, pipeline_data, tmp_path
     domain.ClearField("int_domain")
     fixed = tmp_path / "schema.pbtxt"
     fixed.write_text(text_format.MessageToString(schema))
-    summary = run(dataclasses.replace(fresh, schema_path=str(fixed),
+    # with the spec's vocabulary rules: user_id hashed, item_id its 150 most frequent + 4 OOV buckets
+    vocab = {"user_id": {"hash_bins": 101}, "item_id": {"top_k": 150, "oov_buckets": 4}}
+    summary = run(dataclasses.replace(fresh, schema_path=str(fixed), spec={**spec, "vocab": vocab},
                                       train={**SMALL_TRAIN, "serving_precision": "bfloat16"}))
     counts = _executions(fresh.metadata_path)
     assert counts.get("ImportExampleGen") == counts.get("ImportSchemaGen") == 2  # one per run
@@ -296,3 +299,18 @@ def test_tfrecord_inputs_and_a_curated_schema(first_run, pipeline_data, tmp_path
     assert {f"{d}/{t}" for d in ("0", "1", "2") for t in ("click", "like")} <= set(summary.auc)
     pushed = Path(summary.pushed_to)
     assert json.loads((pushed / "assets.extra" / "mdmt.json").read_text())["serving_precision"] == "bfloat16"
+    # the served model applies the same rules as the library (mdmt_tf.data.idmap)
+    from mdmt_tf.data.idmap import hashed_ids
+
+    test = pd.read_csv(data_root / "test.csv", dtype=str).head(40)
+    loaded = tf.saved_model.load(str(pushed))
+    raw_types = json.loads((pushed / "assets.extra" / "mdmt.json").read_text())["raw_types"]
+    examples = [tf.train.Example.FromString(e) for e in _examples(data_root / "test.csv", raw_types)]
+    for example in examples:
+        example.features.feature["click"].int64_list.value.append(0)
+        example.features.feature["like"].int64_list.value.append(0)
+    ids = loaded.signatures["transform_features"](examples=tf.constant([e.SerializeToString() for e in examples]))
+    np.testing.assert_array_equal(ids["user_id"].numpy().reshape(-1),
+                                  hashed_ids(tf.constant(test["user_id"].tolist()), 101).numpy())
+    items = ids["item_id"].numpy().reshape(-1)
+    assert items.max() < 150 + 4 and (items >= 4).any()
