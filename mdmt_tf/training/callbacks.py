@@ -9,6 +9,7 @@ from typing import Any, Callable
 import keras
 import numpy as np
 
+from mdmt_tf.errors import ConfigError
 from mdmt_tf.files import read_json, write_json
 from mdmt_tf.training.evaluation import evaluate
 
@@ -87,14 +88,18 @@ class ResumableEarlyStopping(keras.callbacks.Callback):
     """
 
     def __init__(self, directory: Path, checkpoint, monitor: str = "val_mean_auc", patience: int = 3,
-                 extra_state=None):
+                 extra_state=None, resume_from: Path | None = None):
         super().__init__()
         import tensorflow as tf
 
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # where an interrupted run resumes from: its own directory, or (a non-chief worker of a
+        # multi-worker run) the chief's, so that every worker restarts at the same epoch
+        self.resume_from = Path(resume_from) if resume_from is not None else self.directory
         self.checkpoint = checkpoint
-        self.last = tf.train.CheckpointManager(checkpoint, str(self.directory / "last"), max_to_keep=1)
+        # two kept: a crash between a checkpoint and its state.json leaves the state's epoch restorable
+        self.last = tf.train.CheckpointManager(checkpoint, str(self.directory / "last"), max_to_keep=2)
         self.best_manager = tf.train.CheckpointManager(checkpoint, str(self.directory / "best"), max_to_keep=1)
         self.monitor, self.patience = monitor, int(patience)
         self.extra_state: Callable[[], dict] = extra_state or dict
@@ -106,11 +111,21 @@ class ResumableEarlyStopping(keras.callbacks.Callback):
         return self.directory / "state.json"
 
     def resume(self) -> dict | None:
-        """Restore the last checkpoint and state if there is one; returns the state."""
-        if not self.state_file.exists() or self.last.latest_checkpoint is None:
+        """Restore the checkpoint of the epoch that `resume_from`'s state.json records (the
+        state is written after its checkpoint); returns the state, or None for a fresh run."""
+        import tensorflow as tf
+
+        state_file = self.resume_from / "state.json"
+        if not state_file.exists():
             return None
-        self.state = read_json(self.state_file)
-        self.checkpoint.restore(self.last.latest_checkpoint).assert_existing_objects_matched()
+        state = read_json(state_file)
+        path = str(self.resume_from / "last" / f"ckpt-{state['epoch']}")
+        if tf.train.get_checkpoint_state(str(self.resume_from / "last")) is None or not tf.io.gfile.glob(
+                path + ".index"):
+            raise ConfigError(f"{state_file} records epoch {state['epoch']} but {path} is missing: the run's "
+                              "checkpoints are incomplete; start a new run with another --out")
+        self.state = state
+        self.checkpoint.restore(path).assert_existing_objects_matched()
         return self.state
 
     def on_epoch_end(self, epoch, logs=None):

@@ -86,6 +86,7 @@ class Run:
         self.encoded: EncodedData | None = data if isinstance(data, EncodedData) else None
         self.data: MDMTData | None = data if isinstance(data, MDMTData) else None
         self.out = Path(out_dir)
+        self.resume_dir = self.out / "checkpoints"  # the chief's checkpoints, which every worker resumes from
         self.model_dir = Path(model_dir) if model_dir is not None else self.out / "model"
         self.source = source
         self.export, self.plots, self.save_predictions = export, plots, save_predictions
@@ -117,7 +118,7 @@ class Run:
         epoch k one derived from (seed, k), so it does not replay the first epochs' orders
         (tf.data's per-iteration reshuffling restarts with a new dataset). A resumed run is
         therefore not bit-identical to an uninterrupted one."""
-        state = self.out / "checkpoints" / "state.json"
+        state = self.resume_dir / "state.json"
         epoch = read_json(state).get("epoch", 0) if state.exists() else 0
         return self.config.seed if epoch == 0 else self.config.seed * 1_000_003 + 7919 * epoch
 
@@ -130,7 +131,10 @@ class Run:
     def run(self) -> dict:
         self.strategy = distribution_strategy(self.config.distribute)  # before any other TF op
         self.chief = self.strategy is None or is_chief(self.strategy)
-        if not self.chief:  # every worker checkpoints (collectively), each into its own directory
+        # every worker checkpoints (collectively), each into its own directory; all resume from
+        # the chief's (self.resume_dir, a shared directory), so after a failure they restart at
+        # the same epoch with the same data order
+        if not self.chief:
             index = self.strategy.cluster_resolver.task_id
             self.out = self.out / "workers" / f"{self.strategy.cluster_resolver.task_type}-{index}"
             self.export = self.plots = False
@@ -162,6 +166,7 @@ class Run:
         timer = _Timer(examples_per_step)
         stopper = ResumableEarlyStopping(
             out / "checkpoints", tf.train.Checkpoint(trainer=trainer), patience=c.patience,
+            resume_from=self.resume_dir,
             extra_state=lambda: {"arch_trajectory": trajectory.points, "train_seconds": timer.seconds,
                                  "train_examples": timer.examples,
                                  "val_auc_per_epoch": [r["auc"] for r in validation.results]})

@@ -1,6 +1,7 @@
 """Multi-worker training: two workers on loopback end with identical weights."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,3 +94,60 @@ def test_two_workers_take_the_step_one_device_takes(tmp_path):
             np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-5, err_msg=name)
     start = np.load(tmp_path / "single.npz")
     assert any("alpha" in name or "beta" in name for name in start.files)  # the search's scalars were compared
+
+
+def _launch(command, cluster, env_base):
+    workers = []
+    for index in range(2):
+        env = {**env_base, "TF_CONFIG": json.dumps({"cluster": {"worker": cluster},
+                                                    "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return workers
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
+    """Worker 1 is killed during epoch 2 (as a node failure would), the chief is stopped, and
+    the job restarts (what a TFJob's restart policy does): both workers resume from the
+    chief's epoch checkpoint, at the same epoch and data order, finish the planned epochs with
+    the planned number of steps, and end with identical weights."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    epochs = 4
+    command = [sys.executable, "-m", "mdmt_tf", "train", "--model", "m3oe", "--data", "synthetic:20000",
+               "--out", str(out), "--epochs", str(epochs), "--patience", str(epochs), "--batch-size", "256",
+               "--strategy-distribute", "multiworker", "--precision", "float32", "--param", "bottom_units=[32, 16]",
+               "--param", "expert_units=[16, 8]", "--param", "tower_units=[8]", "--param", "embedding_dim=4"]
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    workers = _launch(command, [f"127.0.0.1:{p}" for p in _ports(2)], env)
+    state = out / "checkpoints" / "state.json"
+    deadline = time.time() + 600
+    while not (state.exists() and json.loads(state.read_text())["epoch"] >= 1):
+        assert time.time() < deadline and all(w.poll() is None for w in workers), "epoch 1 never finished"
+        time.sleep(0.1)
+    workers[1].send_signal(signal.SIGKILL)
+    try:
+        workers[0].wait(timeout=60)  # the chief fails (or hangs) without its peer
+    except subprocess.TimeoutExpired:
+        workers[0].kill()
+    for worker in workers:
+        worker.communicate()
+    killed_at = json.loads(state.read_text())["epoch"]
+    assert killed_at < epochs and not (out / "metrics.json").exists()
+    # the failed worker's own directory is gone (a pod's ephemeral disk): it resumes from the chief's
+    shutil.rmtree(out / "workers")
+
+    workers = _launch(command, [f"127.0.0.1:{p}" for p in _ports(2)], env)
+    for worker in workers:
+        stdout, stderr = worker.communicate(timeout=300)
+        assert worker.returncode == 0, stderr[-3000:]
+        assert f"after epoch {killed_at}" in stdout + stderr  # "resuming ... after epoch k", both workers
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_trained"] == epochs
+    train_rows = metrics["data"]["rows"]["train"]
+    assert metrics["steps"]["weight"] == epochs * -(-train_rows // 256)  # the planned steps, none repeated
+    chief = _weights(out / "checkpoints" / "last")
+    other = _weights(out / "workers" / "worker-1" / "checkpoints" / "last")
+    for name in chief:
+        np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
