@@ -10,6 +10,16 @@ def cmd_data_synthetic(args) -> int:
     from mdmt_tf.data.synthetic import SyntheticConfig, generate, synthetic_spec
 
     config = SyntheticConfig(rows=args.rows, domains=args.domains, seed=args.seed)
+    if args.shards is not None:
+        from mdmt_tf.data.shards import write_sharded_synthetic
+        from mdmt_tf.errors import ConfigError
+
+        if args.format != "tfrecord":
+            raise ConfigError("--shards writes TFRecord shards: add --format tfrecord")
+        counts = write_sharded_synthetic(config, args.out, args.shards, args.chunk_rows)
+        print(f"wrote {sum(counts.values())} rows ({counts}) as {args.shards} gzip TFRecord shard(s) per split "
+              f"and spec.yaml to {args.out}; read them with --data shards:{args.out}")
+        return 0
     spec = synthetic_spec(config)
     parts = random_split(generate(config), args.seed, source="synthetic")
     out = Path(args.out)
@@ -56,6 +66,11 @@ def add_parsers(verbs) -> None:
     p.add_argument("--domains", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--format", choices=("csv", "tfrecord"), default="csv")
+    p.add_argument("--shards", type=int, default=None,
+                   help="tfrecord: write K gzip shards per split (train-00000-of-0000K.tfrecord.gz ...), generated "
+                        "in chunks with bounded memory (rows differ from the in-memory generator's, same "
+                        "distribution); read them with --data shards:DIR")
+    p.add_argument("--chunk-rows", type=int, default=250_000, help="rows generated at a time with --shards")
     p.set_defaults(func=cmd_data_synthetic)
     p = data_verbs.add_parser("ml100k", help="convert MovieLens-100K (domains by age group; click, like)")
     p.add_argument("--src", required=True, help="directory with u.data, u.user, u.item, u.genre")

@@ -117,14 +117,8 @@ def _calibrate(z: np.ndarray, target: float) -> float:
     return (lo + hi) / 2
 
 
-def generate(config: SyntheticConfig = SyntheticConfig(), return_truth: bool = False):
-    """Generate a typed table (see mdmt_tf.data.table) for `synthetic_spec(config)`.
-
-    With return_truth=True also returns a dict of the logit parts per task:
-    truth[task] = {"base", "shared", "domain", "task", "logit"} (arrays over rows).
-    """
-    c = config
-    rng = np.random.default_rng(c.seed)
+def _world(c: SyntheticConfig, rng: np.random.Generator) -> dict:
+    """Users, items, domain and task maps: everything but the impressions."""
     k = c.latent_dim
     sigma = k ** -0.25  # <p, v> then has unit variance
 
@@ -145,47 +139,95 @@ def generate(config: SyntheticConfig = SyntheticConfig(), return_truth: bool = F
     popularity = 0.4 * rng.normal(size=c.items)
 
     # ---- domains and tasks
-    W = rng.normal(size=(c.domains, k, k)) / np.sqrt(k)
-    T = rng.normal(size=(len(c.tasks), k, k)) / np.sqrt(k)
-    cat_pref = 0.6 * rng.normal(size=(c.domains, c.categories))
-    age_slope = np.linspace(-0.5, 0.5, c.domains) if c.domains > 1 else np.zeros(1)
-    domain_task_bias = 0.3 * rng.normal(size=(c.domains, len(c.tasks)))
+    return dict(gender=gender, occupation=occupation, zip_code=zip_code, age=age, age_std=age_std, p=p,
+                category=category, v=v, popularity=popularity,
+                W=rng.normal(size=(c.domains, k, k)) / np.sqrt(k),
+                T=rng.normal(size=(len(c.tasks), k, k)) / np.sqrt(k),
+                cat_pref=0.6 * rng.normal(size=(c.domains, c.categories)),
+                age_slope=np.linspace(-0.5, 0.5, c.domains) if c.domains > 1 else np.zeros(1),
+                domain_task_bias=0.3 * rng.normal(size=(c.domains, len(c.tasks))))
 
-    # ---- impressions
-    user = rng.choice(c.users, size=c.rows, p=_zipf_probs(c.users, c.user_zipf, rng))
-    item = rng.choice(c.items, size=c.rows, p=_zipf_probs(c.items, c.item_zipf, rng))
-    domain = rng.choice(c.domains, size=c.rows, p=c.weights())
 
-    pu, vi = p[user], v[item]
+def _impressions(c: SyntheticConfig, w: dict, rng: np.random.Generator, rows: int, first_row: int = 1,
+                 probs: tuple | None = None, bases: list | None = None, return_truth: bool = False):
+    """`rows` impressions as a typed table. probs: the (user, item) Zipf probabilities (drawn
+    here, in generate's order, when None); bases: each task's calibrated offset (calibrated
+    on these rows when None). Returns (table, truth, bases)."""
+    user_p = probs[0] if probs is not None else _zipf_probs(c.users, c.user_zipf, rng)
+    user = rng.choice(c.users, size=rows, p=user_p)
+    item_p = probs[1] if probs is not None else _zipf_probs(c.items, c.item_zipf, rng)
+    item = rng.choice(c.items, size=rows, p=item_p)
+    domain = rng.choice(c.domains, size=rows, p=c.weights())
+
+    pu, vi = w["p"][user], w["v"][item]
     shared = np.einsum("nk,nk->n", pu, vi)
-    dom = (np.einsum("nk,nk->n", np.einsum("nkj,nj->nk", W[domain], pu), vi)
-           + cat_pref[domain, category[item]] + age_slope[domain] * age_std[user])
-    truth, labels = {}, {}
-    previous = np.ones(c.rows, dtype=bool)
+    dom = (np.einsum("nk,nk->n", np.einsum("nkj,nj->nk", w["W"][domain], pu), vi)
+           + w["cat_pref"][domain, w["category"][item]] + w["age_slope"][domain] * w["age_std"][user])
+    truth, labels, used = {}, {}, []
+    previous = np.ones(rows, dtype=bool)
     for t, (task, rate) in enumerate(zip(c.tasks, c.task_rates())):
-        task_part = np.einsum("nk,nk->n", np.einsum("kj,nj->nk", T[t], pu), vi)
-        z = (domain_task_bias[domain, t] + popularity[item] + c.shared_weight * shared
+        task_part = np.einsum("nk,nk->n", np.einsum("kj,nj->nk", w["T"][t], pu), vi)
+        z = (w["domain_task_bias"][domain, t] + w["popularity"][item] + c.shared_weight * shared
              + c.domain_weight * dom + c.task_weight * task_part)
-        base = _calibrate(z[previous], rate)  # rate given the previous task
+        base = bases[t] if bases is not None else _calibrate(z[previous], rate)  # rate given the previous task
+        used.append(base)
         prob = _sigmoid(z + base)
-        positive = previous & (rng.random(c.rows) < prob)
+        positive = previous & (rng.random(rows) < prob)
         labels[task] = positive.astype(np.int8)
-        truth[task] = {"base": base, "shared": c.shared_weight * shared, "domain": c.domain_weight * dom,
-                       "task": c.task_weight * task_part, "logit": z + base}
+        if return_truth:
+            truth[task] = {"base": base, "shared": c.shared_weight * shared, "domain": c.domain_weight * dom,
+                           "task": c.task_weight * task_part, "logit": z + base}
         previous = positive
 
     table = pd.DataFrame({
         "domain_id": domain.astype(str),
         "user_id": np.char.add("u", user.astype(str)),
         "item_id": np.char.add("i", item.astype(str)),
-        "gender": np.where(gender[user] == 0, "F", "M"),
-        "occupation": np.char.add("occ", occupation[user].astype(str)),
-        "zip": np.char.add("z", np.char.zfill(zip_code[user].astype(str), 3)),
-        "cate_id": np.char.add("c", np.char.zfill(category[item].astype(str), 2)),
-        "age": age[user].astype(np.float32),
+        "gender": np.where(w["gender"][user] == 0, "F", "M"),
+        "occupation": np.char.add("occ", w["occupation"][user].astype(str)),
+        "zip": np.char.add("z", np.char.zfill(w["zip_code"][user].astype(str), 3)),
+        "cate_id": np.char.add("c", np.char.zfill(w["category"][item].astype(str), 2)),
+        "age": w["age"][user].astype(np.float32),
         **labels,
     })
     for name in ("domain_id", "user_id", "item_id", "gender", "occupation", "zip", "cate_id"):
         table[name] = table[name].astype(object)
-    table[ROW] = np.arange(1, c.rows + 1)
+    table[ROW] = np.arange(first_row, first_row + rows)
+    return table, truth, used
+
+
+def generate(config: SyntheticConfig = SyntheticConfig(), return_truth: bool = False):
+    """Generate a typed table (see mdmt_tf.data.table) for `synthetic_spec(config)`.
+
+    With return_truth=True also returns a dict of the logit parts per task:
+    truth[task] = {"base", "shared", "domain", "task", "logit"} (arrays over rows).
+    """
+    rng = np.random.default_rng(config.seed)
+    world = _world(config, rng)
+    table, truth, _ = _impressions(config, world, rng, config.rows, return_truth=return_truth)
     return (table, truth) if return_truth else table
+
+
+CALIBRATION_ROWS = 200_000
+
+
+def generate_chunks(config: SyntheticConfig = SyntheticConfig(), chunk_rows: int = 250_000):
+    """The same world as `generate`, its `config.rows` impressions made `chunk_rows` at a time
+    (memory bounded by a chunk, so 10^7 rows fit a small machine): yields typed tables. Each
+    task's offset is calibrated once, on the first min(rows, CALIBRATION_ROWS) impressions,
+    and each chunk has its own seeded stream, so the rows follow generate's distribution
+    but are not generate's rows."""
+    if chunk_rows < 1:
+        raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    rng = np.random.default_rng(config.seed)
+    world = _world(config, rng)
+    probs = (_zipf_probs(config.users, config.user_zipf, rng), _zipf_probs(config.items, config.item_zipf, rng))
+    calibration = np.random.default_rng([config.seed, 1])
+    _, _, bases = _impressions(config, world, calibration, min(config.rows, CALIBRATION_ROWS), probs=probs)
+    done, chunk = 0, 0
+    while done < config.rows:
+        n = min(chunk_rows, config.rows - done)
+        table, _, _ = _impressions(config, world, np.random.default_rng([config.seed, 2, chunk]), n,
+                                   first_row=done + 1, probs=probs, bases=bases)
+        yield table
+        done, chunk = done + n, chunk + 1
