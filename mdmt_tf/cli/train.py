@@ -62,7 +62,7 @@ TRAIN_FLAGS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "learning_r
                "patience": "patience", "seed": "seed", "loss_reduction": "loss_reduction", "strategy": "strategy",
                "precision": "precision", "jit": "jit_compile", "serving_precision": "serving_precision",
                "min_count": "min_count", "strategy_distribute": "distribute", "eval_batch_size": "eval_batch_size",
-               "embedding_optimizer": "embedding_optimizer"}
+               "embedding_optimizer": "embedding_optimizer", "shuffle_buffer": "shuffle_buffer"}
 MAMDR_FLAGS = {"mamdr_inner_lr": "inner_lr", "mamdr_outer_lr": "outer_lr", "mamdr_dr_lr": "dr_lr", "mamdr_k": "k",
                "mamdr_inner_steps": "inner_steps", "mamdr_inner_optimizer": "inner_optimizer",
                "mamdr_scope": "scope", "mamdr_granularity": "granularity",
@@ -94,13 +94,26 @@ def load_data(args, min_count: int):
     return MDMTData.build(spec, splits, min_count=min_count)
 
 
+def streamed_data(args, min_count: int):
+    """--data shards:DIR: the StreamData of one scan over the shards (None for other sources)."""
+    from mdmt_tf.data.sources import parse_source, resolve_spec
+    from mdmt_tf.data.stream import StreamData
+
+    kind, rest = parse_source(args.data)
+    if kind != "shards":
+        return None
+    if args.split != "random":
+        raise ConfigError("--split does not apply to --data shards:DIR (its train/val/test shards are the split)")
+    return StreamData.scan(rest, resolve_spec(Path(rest), args.spec), min_count=min_count)
+
+
 def cmd_train(args) -> int:
     from mdmt_tf.report.tables import auc_table
     from mdmt_tf.training.fit import train
 
     model_config = model_config_from_args(args)
     config = train_config_from_args(args)
-    data = load_data(args, config.min_count)
+    data = streamed_data(args, config.min_count) or load_data(args, config.min_count)
     source = f"{args.data} split={args.split} split_seed={args.split_seed}"
     payload = train(model_config, data, config, args.out, source=source)
     domains, tasks = payload["data"]["domains"], payload["data"]["tasks"]
@@ -202,6 +215,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         "only: a step costs the same whatever the vocabulary; moments of absent rows do not "
                         "decay), adam (Keras' Adam: every row every step), auto (row_sparse from "
                         f"{AUTO_ROWS:,} table rows); default {c.embedding_optimizer}")
+    p.add_argument("--shuffle-buffer", type=int, default=None,
+                   help="--data shards:DIR: the shuffle buffer, in records (memory: ~150 bytes each here); 0: "
+                        "no shuffling, rows in file order (in-memory data too; for data shuffled already); "
+                        f"default {c.shuffle_buffer:,}")
     p.add_argument("--eval-batch-size", type=int, default=None,
                    help=f"rows per batch when scoring validation and test data; default {c.eval_batch_size}")
     p.add_argument("--min-count", type=int, default=None,

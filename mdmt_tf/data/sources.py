@@ -4,6 +4,8 @@
   csv:PATH           a CSV file (split 80/10/10) or a directory with train/val/test.csv
   tfrecord:PATH      a TFRecord file of tf.Example or a directory with train/val/test.tfrecord
   ml100k:DIR         the raw MovieLens-100K files, converted on the fly
+  shards:DIR         sharded gzip TFRecords (train-*/val-*/test-*), streamed by `mdmt train`
+                     (mdmt_tf.data.stream), never loaded whole
   PATH               csv or tfrecord, told by the file suffix / directory contents
 
 For csv and tfrecord the spec comes from --spec, or from `spec.yaml` in the data
@@ -17,8 +19,8 @@ from mdmt_tf.data.readers import CSV_SUFFIXES, TFRECORD_SUFFIXES, Splits, read_c
 from mdmt_tf.errors import ConfigError, DataError
 from mdmt_tf.spec import DatasetSpec
 
-KINDS = ("synthetic", "csv", "tfrecord", "ml100k")
-USAGE = "synthetic[:ROWS] | csv:PATH | tfrecord:PATH | ml100k:DIR | PATH"
+KINDS = ("synthetic", "csv", "tfrecord", "ml100k", "shards")
+USAGE = "synthetic[:ROWS] | csv:PATH | tfrecord:PATH | ml100k:DIR | shards:DIR | PATH"
 
 
 def parse_source(text: str) -> tuple[str, str]:
@@ -56,6 +58,9 @@ def load_source(text: str, spec_path: str | Path | None = None, split_seed: int 
                 split: str = "random") -> tuple[DatasetSpec, Splits]:
     """split: "random" (seeded 80/10/10) or "temporal:COLUMN", for sources that are one table."""
     kind, rest = parse_source(text)
+    if kind == "shards":
+        raise ConfigError(f"--data {text}: sharded data is streamed by `mdmt train` only so far; for this command "
+                          "write the data as train/val/test files (csv: or tfrecord:)")
     if kind == "synthetic":
         from mdmt_tf.data.synthetic import SyntheticConfig, generate, synthetic_spec
 

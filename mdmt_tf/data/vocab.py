@@ -50,6 +50,25 @@ class Vocabularies:
     @classmethod
     def build(cls, train: pd.DataFrame, spec: DatasetSpec, min_count: int = 1,
               source: str = "train") -> "Vocabularies":
+        counts = {name: train[name][train[name] != ""].value_counts() for name in spec.sparse
+                  if not spec.field_vocab(name).hashed}
+        seen = sorted(set(train[spec.domain]), key=natural_key)
+        if spec.domains is not None:
+            unknown = [d for d in seen if d not in spec.domains]
+            if unknown:
+                first = train[train[spec.domain] == unknown[0]][ROW].iloc[0]
+                raise DataError(f"domain value {unknown[0]!r} is not among the spec's domains "
+                                f"{list(spec.domains)}", source=source, row=int(first), column=spec.domain)
+        mean = {n: float(np.mean(train[n].to_numpy(np.float64))) for n in spec.dense}
+        std = {n: float(np.std(train[n].to_numpy(np.float64))) for n in spec.dense}
+        return cls.from_counts(spec, counts, seen, mean, std, min_count)
+
+    @classmethod
+    def from_counts(cls, spec: DatasetSpec, counts: dict[str, pd.Series], domains_seen: list[str],
+                    dense_mean: dict[str, float], dense_std: dict[str, float], min_count: int = 1) -> "Vocabularies":
+        """The vocabularies from per-field value counts of the training split (a Series value ->
+        count, empty values excluded; hashed fields need none), the training domain values and
+        the dense statistics: what `build` computes in memory and a streaming pass in pieces."""
         if min_count < 1:
             raise DataError(f"min_count must be >= 1, got {min_count}")
         sparse, oov_buckets, hash_bins = {}, {}, {}
@@ -60,29 +79,18 @@ class Vocabularies:
                 continue
             if rule.oov_buckets != 1:
                 oov_buckets[name] = rule.oov_buckets
-            counts = train[name][train[name] != ""].value_counts()
-            counts = counts[counts >= (rule.min_count or min_count)]
-            frame = pd.DataFrame({"value": counts.index.astype(str), "count": counts.to_numpy()})
+            field = counts[name]
+            field = field[field >= (rule.min_count or min_count)]
+            frame = pd.DataFrame({"value": field.index.astype(str), "count": field.to_numpy()})
             if rule.top_k is not None:  # the k most frequent, ties at the cut as tensorflow-transform: larger value
                 frame = frame.sort_values(["count", "value"], ascending=[False, False], kind="mergesort")
                 frame = frame.head(rule.top_k)
             # most frequent first, ties by value: deterministic
             frame = frame.sort_values(["count", "value"], ascending=[False, True], kind="mergesort")
             sparse[name] = frame["value"].tolist()
-        seen = sorted(set(train[spec.domain]), key=natural_key)
-        if spec.domains is not None:
-            unknown = [d for d in seen if d not in spec.domains]
-            if unknown:
-                first = train[train[spec.domain] == unknown[0]][ROW].iloc[0]
-                raise DataError(f"domain value {unknown[0]!r} is not among the spec's domains "
-                                f"{list(spec.domains)}", source=source, row=int(first), column=spec.domain)
-            domains = list(spec.domains)
-        else:
-            domains = seen
-        mean = {n: float(np.mean(train[n].to_numpy(np.float64))) for n in spec.dense}
-        std = {n: float(np.std(train[n].to_numpy(np.float64))) for n in spec.dense}
-        return cls(sparse=sparse, domains=domains, dense_mean=mean, dense_std=std, oov_buckets=oov_buckets,
-                   hash_bins=hash_bins)
+        domains = list(spec.domains) if spec.domains is not None else sorted(domains_seen, key=natural_key)
+        return cls(sparse=sparse, domains=domains, dense_mean=dict(dense_mean), dense_std=dict(dense_std),
+                   oov_buckets=oov_buckets, hash_bins=hash_bins)
 
     def size(self, feature: str) -> int:
         """Number of ids of a sparse feature, OOV buckets included (its embedding table's rows)."""

@@ -22,14 +22,23 @@ class ValidationMetrics(keras.callbacks.Callback):
     a prediction it covers is NaN or infinite (training.evaluation), or when no pair has
     both classes."""
 
-    def __init__(self, predict, features, labels, domain, domains, tasks):
+    def __init__(self, score, domains, tasks):
+        """score() -> ({task: probabilities}, {task: labels}, domain indices) of the validation
+        split now (EncodedData / StreamData `scored("val", model, batch_size)`)."""
         super().__init__()
-        self.predict, self.features, self.labels = predict, features, labels
-        self.domain, self.domains, self.tasks = domain, list(domains), list(tasks)
+        self.score = score
+        self.domains, self.tasks = list(domains), list(tasks)
         self.results: list[dict] = []
 
+    @classmethod
+    def of(cls, model, data, batch_size: int) -> "ValidationMetrics":
+        """Scoring `model` on `data`'s validation split (in memory or streamed)."""
+        score = data.scorer(model, batch_size)
+        return cls(lambda: score("val"), data.domains, data.spec.tasks)
+
     def on_epoch_end(self, epoch, logs=None):
-        result = evaluate(self.predict(self.features), self.labels, self.domain, self.domains, self.tasks)
+        probs, labels, domain = self.score()
+        result = evaluate(probs, labels, domain, self.domains, self.tasks)
         self.results.append(result)
         if logs is not None:
             logs["val_mean_auc"] = _log_value(result["mean_auc"])

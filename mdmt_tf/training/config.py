@@ -63,6 +63,8 @@ class TrainConfig:
     # the weight optimizer's update of embedding tables: "row_sparse" (RowSparseAdam: only the
     # batch's rows), "adam" (Keras' Adam: every row), "auto" (row_sparse from 100k table rows)
     embedding_optimizer: str = "auto"
+    # the streaming input's shuffle buffer, in records; 0: no shuffling (in memory too: rows in file order)
+    shuffle_buffer: int = 1_000_000
 
     def __post_init__(self):
         checks = [
@@ -83,6 +85,7 @@ class TrainConfig:
              "Keras' Adam; 'auto' picks it)"),
             (self.embedding_optimizer in EMBEDDING_OPTIMIZERS,
              f"embedding optimizer must be one of {list(EMBEDDING_OPTIMIZERS)}, got {self.embedding_optimizer!r}"),
+            (self.shuffle_buffer >= 0, f"shuffle buffer must be >= 0, got {self.shuffle_buffer}"),
             (self.eval_batch_size >= 1, f"eval batch size must be >= 1, got {self.eval_batch_size}"),
             (self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}, got {self.precision!r}"),
             (self.serving_precision in SERVING_PRECISIONS,

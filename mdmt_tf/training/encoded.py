@@ -42,6 +42,19 @@ class EncodedData:
     def rows(self, split: str) -> int:
         return len(self.domain[split])
 
+    def scorer(self, model, batch_size: int):
+        """split -> ({task: probabilities [N]}, {task: labels [N]}, domain indices [N]) by
+        `model` (one compiled forward for every call): the interface the streaming path
+        (mdmt_tf.data.stream.StreamData) shares."""
+        from mdmt_tf.training.predict import predictor
+
+        predict = predictor(model, batch_size)
+        return lambda split: (predict(self.features[split]), self.labels[split], self.domain[split])
+
+    def sample(self, split: str, rows: int | None = None) -> dict[str, np.ndarray]:
+        """The first `rows` encoded rows of a split (all by default)."""
+        return {k: v[:rows] for k, v in self.features[split].items()}
+
 
 def take(arrays: dict, index: np.ndarray) -> dict:
     """The rows `index` of every array."""

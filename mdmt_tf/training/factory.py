@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from mdmt_tf.data.dataset import make_dataset
+from mdmt_tf.data.stream import StreamData
+from mdmt_tf.errors import ConfigError
 from mdmt_tf.training.config import TrainConfig
 from mdmt_tf.training.encoded import EncodedData, take
 from mdmt_tf.training.mamdr import MAMDRTrainer
@@ -38,6 +40,9 @@ def make_trainer(model, enc: EncodedData, config: TrainConfig, seed: int, *, lea
     arguments override the config (a tuner trial's searched values); drop_remainder drops
     each pass's last partial batch (benchmarks time full batches only)."""
     c = config
+    if c.strategy != "plain" and isinstance(enc, StreamData):
+        raise ConfigError(f"--strategy {c.strategy} (MAMDR) trains per domain from in-memory data; the streaming "
+                          "input (--data shards:DIR) supports --strategy plain")
     if c.strategy != "plain":
         m = c.mamdr
         domains = sorted(set(enc.domain["train"].tolist()))
@@ -68,8 +73,55 @@ def _plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learni
     them on the data that then judges them. Models without architecture variables, and
     arch modes that do not search, train the weights on every training row."""
     arch_mode = arch_mode or c.arch_mode
-    train_rows = np.arange(enc.rows("train"))
     searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
+    if isinstance(enc, StreamData):
+        train, heldout, train_rows = _streamed_batches(enc, c, seed, searching, arch_mode, drop_remainder)
+    else:
+        train, heldout, train_rows = _in_memory_batches(enc, c, seed, searching, arch_mode, drop_remainder)
+    trainer = MDMTTrainer(model, arch_mode=arch_mode,
+                          learning_rate=learning_rate if learning_rate is not None else c.learning_rate,
+                          arch_learning_rate=arch_learning_rate if arch_learning_rate is not None
+                          else c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
+                          steps_per_epoch=int(np.ceil(train_rows / c.batch_size)),
+                          task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
+                          jit_compile=c.jit_compile,
+                          weight_optimizer=weight_optimizer(
+                              c.embedding_optimizer, learning_rate if learning_rate is not None else c.learning_rate,
+                              model.embedding_rows()))
+    return trainer, train
+
+
+def _streamed_batches(enc: StreamData, c: TrainConfig, seed: int, searching: bool, arch_mode: str,
+                      drop_remainder: bool):
+    """(training batches, architecture batches or None, training rows) from the shards: the
+    held-out slice is the records whose fingerprint falls in the first FRACTION of 1000 bins
+    (deterministic, whatever the shard order)."""
+    heldout, keep = None, None
+    rows = enc.rows("train")
+    def shuffled(split, split_seed, keep=None):
+        return enc.batches(split, c.batch_size, shuffle=True, seed=split_seed, keep=keep, buffer=c.shuffle_buffer,
+                           drop_remainder=drop_remainder)
+
+    if searching and arch_mode == "authors":
+        heldout = shuffled("train", seed + 2)
+    elif searching and (fraction := c.holdout_fraction()) is not None:
+        cut = max(1, int(round(fraction * 1000)))
+        heldout = shuffled("train", seed + 1, keep=lambda record: tf.strings.to_hash_bucket_fast(record, 1000) < cut)
+
+        def keep(record):
+            return tf.strings.to_hash_bucket_fast(record, 1000) >= cut
+
+        rows = int(round(rows * (1000 - cut) / 1000))  # about: the exact count is known after a pass
+    elif searching:
+        heldout = shuffled("val", seed + 1)
+    train = shuffled("train", seed, keep)
+    return train, heldout, rows
+
+
+def _in_memory_batches(enc: EncodedData, c: TrainConfig, seed: int, searching: bool, arch_mode: str,
+                       drop_remainder: bool):
+    """(training batches, architecture batches or None, training rows) from the arrays."""
+    train_rows = np.arange(enc.rows("train"))
     heldout = None
     if searching and arch_mode == "authors":
         heldout = make_dataset(enc.features["train"], enc.labels["train"], batch_size=c.batch_size, shuffle=True,
@@ -83,16 +135,7 @@ def _plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learni
     elif searching:
         heldout = make_dataset(enc.features["val"], enc.labels["val"], batch_size=c.batch_size, shuffle=True,
                                seed=seed + 1, drop_remainder=drop_remainder)
-    trainer = MDMTTrainer(model, arch_mode=arch_mode,
-                          learning_rate=learning_rate if learning_rate is not None else c.learning_rate,
-                          arch_learning_rate=arch_learning_rate if arch_learning_rate is not None
-                          else c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
-                          steps_per_epoch=int(np.ceil(len(train_rows) / c.batch_size)),
-                          task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
-                          jit_compile=c.jit_compile,
-                          weight_optimizer=weight_optimizer(
-                              c.embedding_optimizer, learning_rate if learning_rate is not None else c.learning_rate,
-                              model.embedding_rows()))
     train = make_dataset(take(enc.features["train"], train_rows), take(enc.labels["train"], train_rows),
-                         batch_size=c.batch_size, shuffle=True, seed=seed, drop_remainder=drop_remainder)
-    return trainer, train
+                         batch_size=c.batch_size, shuffle=c.shuffle_buffer > 0, seed=seed,
+                         drop_remainder=drop_remainder)
+    return train, heldout, len(train_rows)

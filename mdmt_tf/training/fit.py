@@ -24,6 +24,7 @@ import tensorflow as tf
 
 from mdmt_tf.data.checks import check_cascade
 from mdmt_tf.data.dataset import MDMTData
+from mdmt_tf.data.stream import StreamData
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.files import read_json, write_json
 from mdmt_tf.log import LOG
@@ -33,7 +34,6 @@ from mdmt_tf.training.config import TrainConfig
 from mdmt_tf.training.encoded import EncodedData
 from mdmt_tf.training.factory import make_trainer
 from mdmt_tf.training.outputs import RunInfo, Trained, finish
-from mdmt_tf.training.predict import predictor
 from mdmt_tf.training.runtime import distribution_strategy, is_chief, resolve_precision
 
 
@@ -83,7 +83,8 @@ class Run:
                  export: bool = True, plots: bool = True, save_predictions: bool = False,
                  model_dir: str | Path | None = None):
         self.model_config, self.config = model_config, config
-        self.encoded: EncodedData | None = data if isinstance(data, EncodedData) else None
+        # EncodedData in memory, or StreamData streamed from shards: the same interface here
+        self.encoded = data if isinstance(data, (EncodedData, StreamData)) else None
         self.data: MDMTData | None = data if isinstance(data, MDMTData) else None
         self.out = Path(out_dir)
         self.resume_dir = self.out / "checkpoints"  # the chief's checkpoints, which every worker resumes from
@@ -141,6 +142,8 @@ class Run:
         # a cascade (ESMM) needs nested training labels: checked before the run directory is written
         if self.data is not None:
             check_cascade(self.model_config, self.data.spec.tasks, self.data.labels("train"), self.data)
+        elif isinstance(self.encoded, StreamData):
+            self.encoded.check_cascade(self.model_config)
         elif self.encoded is not None:
             check_cascade(self.model_config, self.encoded.spec.tasks, self.encoded.labels["train"])
         self._check_run_config()
@@ -160,8 +163,7 @@ class Run:
             model = build_model(self.model_config, enc.schema, dtype=resolve_precision(c.precision))
             trainer, train_ds, steps_per_epoch, examples_per_step = self._trainer(model, enc)
             trainer.compile()
-        validation = ValidationMetrics(predictor(trainer.serving_model(), c.eval_batch_size), enc.features["val"],
-                                       enc.labels["val"], enc.domain["val"], enc.domains, enc.spec.tasks)
+        validation = ValidationMetrics.of(trainer.serving_model(), enc, c.eval_batch_size)
         trajectory = ArchitectureTrajectory(model)
         timer = _Timer(examples_per_step)
         stopper = ResumableEarlyStopping(

@@ -13,7 +13,7 @@ from mdmt_tf.models import ModelConfig
 from mdmt_tf.training.config import TrainConfig
 from mdmt_tf.training.encoded import EncodedData
 from mdmt_tf.training.evaluation import evaluate
-from mdmt_tf.training.predict import forward_details, predictor
+from mdmt_tf.training.predict import forward_details
 
 
 @dataclasses.dataclass
@@ -52,10 +52,11 @@ def finish(trained: Trained, enc: EncodedData, run: RunInfo) -> dict:
     from mdmt_tf.report.metrics import arch_summary, write_metrics
 
     c, out = run.config, run.out
-    predict = predictor(trained.serving, c.eval_batch_size)
     domains, tasks = enc.domains, list(enc.spec.tasks)
-    predictions = {s: predict(enc.features[s]) for s in ("val", "test")}
-    results = {s: evaluate(predictions[s], enc.labels[s], enc.domain[s], domains, tasks) for s in predictions}
+    score = enc.scorer(trained.serving, c.eval_batch_size)
+    scored = {s: score(s) for s in ("val", "test")}
+    predictions = {s: scored[s][0] for s in scored}
+    results = {s: evaluate(scored[s][0], scored[s][1], scored[s][2], domains, tasks) for s in scored}
     if run.save_predictions:
         np.savez_compressed(out / "test_predictions.npz", **predictions["test"])
     served = _serving_check(trained, enc, c, predictions["test"])
@@ -90,8 +91,8 @@ def _serving_check(trained: Trained, enc: EncodedData, c: TrainConfig, test_pred
     if trained.exported is trained.serving:
         return served
     domains, tasks = enc.domains, list(enc.spec.tasks)
-    test = predictor(trained.exported, c.eval_batch_size)(enc.features["test"])
-    check = evaluate(test, enc.labels["test"], enc.domain["test"], domains, tasks)
+    test, labels, domain = enc.scorer(trained.exported, c.eval_batch_size)("test")
+    check = evaluate(test, labels, domain, domains, tasks)
     served.update(test_mean_auc=check["mean_auc"], test_mean_logloss=check["mean_logloss"],
                   test_max_abs_diff=max(float(np.max(np.abs(test[t] - test_predictions[t]))) for t in tasks))
     return served
@@ -107,11 +108,13 @@ def write_plots(payload: dict, trained: Trained, enc: EncodedData, directory: Pa
     if trained.state["history"]:
         plots.training_curves(trained.state["history"], directory / "training_curves.png")
     plots.arch_trajectories(trained.trajectory, directory / "arch_trajectories.png")
-    details = forward_details(trained.model, enc.features["val"], batch_size)
+    sample = enc.sample("val")
+    details = forward_details(trained.model, sample, batch_size)
     if details is None:
         return
+    domain = sample[enc.spec.domain]
     gates = {gate.name: gate.weights for gate in details.gates}
-    plots.gate_utilisation(gates, enc.domain["val"], domains, tasks, directory / "gate_utilisation.png")
+    plots.gate_utilisation(gates, domain, domains, tasks, directory / "gate_utilisation.png")
     scalings = {scaling.name: scaling.values for scaling in details.scalings}
     if scalings:
-        plots.gate_nu(scalings, enc.domain["val"], domains, tasks, directory / "gate_nu.png")
+        plots.gate_nu(scalings, domain, domains, tasks, directory / "gate_nu.png")

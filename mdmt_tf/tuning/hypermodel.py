@@ -194,11 +194,9 @@ class MDMTHyperModel(kt.HyperModel):
         return setup.trainer
 
     def fit(self, hp, model, *args, callbacks=None, epochs=None, initial_epoch=0, **kwargs):
-        from mdmt_tf.training.predict import predictor
 
         c, enc = self.train_config, self.encoded
-        validation = ValidationMetrics(predictor(model.net, c.eval_batch_size), enc.features["val"],
-                                       enc.labels["val"], enc.domain["val"], enc.domains, enc.spec.tasks)
+        validation = ValidationMetrics.of(model.net, enc, c.eval_batch_size)
         stop = keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=c.patience)
         train = self._train_batches
         # the validation callback first: the tuner's callbacks read the objective from the logs

@@ -82,7 +82,7 @@ def test_an_epoch_with_nonfinite_predictions_is_the_worst_epoch(tmp_path):
     nan_on_positives = _with(float("nan"), row=np.flatnonzero((LABELS["a"] == 1) & (DOMAIN == 0)))
     epochs = [nan_on_positives, PROBS, nan_on_positives, nan_on_positives]
     served = iter(epochs)
-    validation = ValidationMetrics(lambda features: next(served), {}, LABELS, DOMAIN, DOMAINS, TASKS)
+    validation = ValidationMetrics(lambda: (next(served), LABELS, DOMAIN), DOMAINS, TASKS)
     kernel = model.layers[0].kernel
     for epoch in range(len(epochs)):
         kernel.assign(np.full((2, 1), float(epoch + 1), "float32"))  # "epoch k's weights" = k
