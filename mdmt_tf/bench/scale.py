@@ -8,8 +8,12 @@ configuration in its own process. `slowdown` = large / small with the default we
 optimizer (`--embedding-optimizer auto`: RowSparseAdam for the large tables); `dense_adam`
 times the large tables with Keras' Adam, which updates every row each step, for contrast.
 
-Rows and pipeline scaling (streaming input, issue 16 items 2 and 5) are not measured here
-yet: the JSON's "rows" and "pipeline" are null until that path exists.
+`rows`: `mdmt train --model mmoe --epochs 1` streaming from gzip TFRecord shards
+(`--data shards:DIR`, 8 shards per split, written once under `--root` by `mdmt data
+synthetic --shards`) at each row count, in its own process: its peak RSS and its training
+examples/s; and the in-memory path (`--data synthetic:N`) at the row counts where it fits,
+for the throughput ratio. The pipeline at 10^6 rows (issue 16 item 5) is not measured here
+yet: "pipeline" is null.
 """
 from __future__ import annotations
 
@@ -73,8 +77,71 @@ def run_vocab(model_name: str, large: bool, optimizer: str, batch_size: int, ste
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _subprocess(call: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", "import json; from mdmt_tf.bench.scale import run_vocab;"
+def run_train(argv: list[str]) -> dict:
+    """`mdmt train argv` in this process; its peak RSS and metrics (main runs it in a subprocess)."""
+    from mdmt_tf.cli import main as mdmt
+
+    code = mdmt(argv)
+    if code:
+        raise RuntimeError(f"mdmt train exited with {code}")
+    out = argv[argv.index("--out") + 1]
+    with open(f"{out}/metrics.json") as handle:
+        metrics = json.load(handle)
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "examples_per_second": metrics["train_examples_per_second"], "train_seconds": metrics["train_seconds"],
+            "train_rows": metrics["data"]["rows"]["train"], "test_mean_auc": metrics["test"]["mean_auc"]}
+
+
+def shards_for(rows: int, root: str) -> str:
+    """The sharded synthetic dataset of `rows` rows under `root`, written once."""
+    from pathlib import Path
+
+    directory = Path(root) / f"shards-{rows}"
+    if not (directory / "spec.yaml").exists():
+        print(f"[bench] writing {rows:,} synthetic rows as shards under {directory} ...", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "mdmt_tf", "data", "synthetic", "--rows", str(rows), "--format",
+                               "tfrecord", "--shards", "8", "--out", str(directory)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            raise RuntimeError(f"writing {rows} rows failed")
+    return str(directory)
+
+
+def rows_bench(row_counts, root: str, in_memory_max: int = 1_000_000, batch_size: int = 2048) -> dict:
+    """{"rows": [streaming figures per row count], "in_memory": [...]} (see the module doc)."""
+    import tempfile
+
+    from mdmt_tf.report.tables import markdown_table
+
+    streamed, in_memory, table = [], [], []
+    for rows in row_counts:
+        directory = shards_for(rows, root)
+        runs = [("streamed", f"shards:{directory}")] + ([("in memory", f"synthetic:{rows}")]
+                                                        if rows <= in_memory_max else [])
+        for kind, data in runs:
+            print(f"[bench] mdmt train --model mmoe --epochs 1 --data {data} ...", flush=True)
+            with tempfile.TemporaryDirectory() as out:
+                argv = ["train", "--model", "mmoe", "--data", data, "--epochs", "1", "--batch-size", str(batch_size),
+                        "--out", out]
+                result = {"rows": rows, **_subprocess(f"run_train({argv!r})", "run_train")}
+            (streamed if kind == "streamed" else in_memory).append(result)
+            table.append([kind, f"{rows:,}", f"{result['peak_rss_mib']:,.0f}", f"{result['examples_per_second']:,.0f}",
+                          f"{result['test_mean_auc']:.4f}"])
+    print(markdown_table(["input", "rows", "peak RSS MiB", "train examples/s", "test mean AUC"], table))
+    if streamed:
+        first, last = streamed[0], streamed[-1]
+        print(f"peak RSS at {last['rows']:,} rows: {last['peak_rss_mib'] / first['peak_rss_mib']:.2f}x the RSS at "
+              f"{first['rows']:,} (target <= 1.3x)")
+        memory = {r["rows"]: r for r in in_memory}
+        for r in streamed:
+            if r["rows"] in memory:
+                ratio = r["examples_per_second"] / memory[r["rows"]]["examples_per_second"]
+                print(f"{r['rows']:,} rows: streaming trains at {ratio:.0%} of the in-memory path's examples/s")
+    return {"rows": streamed, "in_memory": in_memory}
+
+
+def _subprocess(call: str, function: str = "run_vocab") -> dict:
+    proc = subprocess.run([sys.executable, "-c", f"import json; from mdmt_tf.bench.scale import {function};"
                            f"print('RESULT', json.dumps({call}))"], capture_output=True, text=True)
     line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
@@ -83,11 +150,18 @@ def _subprocess(call: str) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
-def main(models=MODELS, batch_size: int = 2048, steps: int = 10, trials: int = 3, dense_adam: bool = True) -> dict:
-    """Measure, print a table, return {"vocab": {model: {...}}, "rows": None, "pipeline": None}."""
+def main(models=MODELS, batch_size: int = 2048, steps: int = 10, trials: int = 3, dense_adam: bool = True,
+         row_counts=(), root: str = "runs/bench-scale") -> dict:
+    """Measure, print tables, return {"vocab": {model: {...}}, "rows": [...], "in_memory": [...],
+    "pipeline": None}; no model or no row count skips that part."""
     from mdmt_tf.report.tables import markdown_table
 
-    vocab, rows = {}, []
+    result: dict = {"vocab": {}, "rows": [], "in_memory": [], "pipeline": None}
+    if row_counts:
+        result.update(rows_bench(row_counts, root, batch_size=batch_size))
+    if not models:
+        return result
+    vocab, rows = result["vocab"], []
     for name in models:
         runs = {}
         plan = [("small", False, "auto"), ("large", True, "auto")] + ([("dense_adam", True, "adam")]
@@ -111,5 +185,4 @@ def main(models=MODELS, batch_size: int = 2048, steps: int = 10, trials: int = 3
                           "large, Keras Adam: ms/step", "large: peak RSS MiB"], rows))
     print(f"median over {trials} x {steps} steps at steady state, batch {batch_size}; large = 10M users + 1M "
           "items. target: slowdown <= 1.5x")
-    print("rows / pipeline: not measured yet (the streaming input path of issue 16 does not exist yet)")
-    return {"vocab": vocab, "rows": None, "pipeline": None}
+    return result

@@ -25,15 +25,18 @@ def cmd_bench_train(args) -> int:
 
 def cmd_bench_scale(args) -> int:
     from mdmt_tf.bench.scale import MODELS, main
+    from mdmt_tf.errors import ConfigError
 
-    models = MODELS if args.models == "all" else tuple(m.strip() for m in args.models.split(","))
+    models = MODELS if args.models == "all" else tuple(m.strip() for m in args.models.split(",") if m.strip())
     unknown = [m for m in models if m not in MODELS]
     if unknown:
-        from mdmt_tf.errors import ConfigError
-
         raise ConfigError(f"unknown model(s) {unknown} for bench scale; valid: {list(MODELS)} or 'all'")
+    try:
+        row_counts = tuple(int(float(r)) for r in args.rows.split(",") if r.strip())
+    except ValueError:
+        raise ConfigError(f"--rows takes comma-separated row counts (e.g. 1e5,1e6,1e7), got {args.rows!r}") from None
     results = main(models, batch_size=args.batch_size, steps=args.steps, trials=args.trials,
-                   dense_adam=not args.no_dense_adam)
+                   dense_adam=not args.no_dense_adam, row_counts=row_counts, root=args.root)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
@@ -43,7 +46,10 @@ def cmd_bench_scale(args) -> int:
 def _add_scale_bench(kinds) -> None:
     p = kinds.add_parser("scale", help="cost of a production-size vocabulary (10M users + 1M items) per training "
                                        "step, MMoE and M3oE")
-    p.add_argument("--models", default="all", help="comma-separated: mmoe, m3oe; or 'all'")
+    p.add_argument("--models", default="all", help="vocab part: comma-separated mmoe, m3oe; 'all'; '' to skip it")
+    p.add_argument("--rows", default="1e5,1e6,1e7",
+                   help="rows part: row counts to train MMoE on, streamed from shards ('' to skip it)")
+    p.add_argument("--root", default="runs/bench-scale", help="where the rows part's shards are written (kept)")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10, help="steps per timed trial")
     p.add_argument("--trials", type=int, default=3, help="timed trials (the median is reported)")

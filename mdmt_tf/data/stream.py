@@ -166,7 +166,7 @@ class StreamData:
         return self.front(raw), labels
 
     def records(self, split: str, *, shuffle: bool = False, seed: int = 0, keep=None,
-                buffer: int = 1_000_000) -> tf.data.Dataset:
+                buffer: int = 100_000) -> tf.data.Dataset:
         """The split's serialized records: shards in a seeded order and interleaved, then (if
         `shuffle` and `buffer` > 0) a seeded shuffle buffer of `buffer` records, reshuffled
         every epoch; `keep(record) -> bool` filters."""
@@ -184,7 +184,7 @@ class StreamData:
         return data
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                drop_remainder: bool = False, keep=None, buffer: int = 1_000_000) -> tf.data.Dataset:
+                drop_remainder: bool = False, keep=None, buffer: int = 100_000) -> tf.data.Dataset:
         """(features, labels) batches of `split`, encoded by the front (see `records`)."""
         data = self.records(split, shuffle=shuffle, seed=seed, keep=keep, buffer=buffer)
         data = data.batch(batch_size, drop_remainder=drop_remainder)

@@ -64,7 +64,7 @@ class TrainConfig:
     # batch's rows), "adam" (Keras' Adam: every row), "auto" (row_sparse from 100k table rows)
     embedding_optimizer: str = "auto"
     # the streaming input's shuffle buffer, in records; 0: no shuffling (in memory too: rows in file order)
-    shuffle_buffer: int = 1_000_000
+    shuffle_buffer: int = 100_000
 
     def __post_init__(self):
         checks = [
