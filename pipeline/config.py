@@ -29,6 +29,9 @@ class PipelineConfig:
       (pbtxt) for ImportSchemaGen; without it the schema is inferred and curated from the spec.
     model: {"name": ..., "params": {...}}; train: TrainConfig fields (epochs, batch_size...).
     tune: run the Tuner first; tuning: its settings (max_trials, tuner, ...).
+    tfjob: on Kubeflow, train with N workers as a TFJob of the Training Operator
+      ({workers, namespace, image, restart_policy, backoff_limit, resources}: pipeline/tfjob.py);
+      empty: the Trainer trains in its own container.
     auc_floor: the lowest test AUC any task may have for the model to be blessed;
     max_auc_drop: how much a task's AUC may fall below the last blessed model's.
     """
@@ -42,6 +45,7 @@ class PipelineConfig:
     train: dict = dataclasses.field(default_factory=lambda: {"epochs": 10})  # the rest: TrainConfig's defaults
     tune: bool = False
     tuning: dict = dataclasses.field(default_factory=lambda: {"tuner": "random", "max_trials": 3, "epochs": 3})
+    tfjob: dict = dataclasses.field(default_factory=dict)
     pipeline_root: str = "runs/pipeline/root"
     metadata_path: str = "runs/pipeline/metadata.sqlite"
     serving_dir: str = "runs/pipeline/serving"
@@ -59,6 +63,10 @@ class PipelineConfig:
         if unknown:
             raise ConfigError(f"pipeline config 'train' has unknown key(s) {unknown}; valid: {list(TRAIN_KEYS)}")
         TrainConfig.from_dict(self.train)  # validates the values (types, ranges, choices)
+        if self.tfjob:
+            from .tfjob import settings
+
+            settings(self.tfjob)  # validates
         if self.data_format not in ("auto", "csv", "tfrecord"):
             raise ConfigError(f"data_format must be auto, csv or tfrecord, got {self.data_format!r}")
         if not 0 <= self.auc_floor < 1 or self.max_auc_drop < 0:
@@ -103,8 +111,11 @@ class PipelineConfig:
 
     def custom_config(self) -> dict:
         """What the module file receives (plain JSON-able values)."""
-        return {"spec": self.dataset_spec.to_dict(), "model": dict(self.model), "train": dict(self.train),
-                "min_count": TrainConfig.from_dict(self.train).min_count, "tune": dict(self.tuning)}
+        out = {"spec": self.dataset_spec.to_dict(), "model": dict(self.model), "train": dict(self.train),
+               "min_count": TrainConfig.from_dict(self.train).min_count, "tune": dict(self.tuning)}
+        if self.tfjob:
+            out["tfjob"] = dict(self.tfjob)
+        return out
 
 
 def is_remote(path: str | Path) -> bool:

@@ -25,6 +25,8 @@ def compile_pipeline(config: PipelineConfig, output_file: str | Path, image: str
 
     os.environ.setdefault("UNSUPPORTED_DO_NOT_PACKAGE_USER_MODULES", "1")
     config = dataclasses.replace(config, module_file=module_file)
+    if config.tfjob and not config.tfjob.get("image"):  # the TFJob's workers run the pipeline's image
+        config = dataclasses.replace(config, tfjob={**config.tfjob, "image": image or config.kubeflow_image})
     runner_config = tfx.orchestration.experimental.KubeflowV2DagRunnerConfig(
         default_image=image or config.kubeflow_image)
     output = Path(output_file)

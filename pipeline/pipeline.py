@@ -107,11 +107,18 @@ def create_pipeline(config: PipelineConfig, metadata_connection_config=None,
             module_file=config.module_file, examples=examples, transform_graph=transform.outputs["transform_graph"],
             schema=schema, train_args=tfx.proto.TrainArgs(splits=["train"]),
             eval_args=tfx.proto.EvalArgs(splits=["eval"]), custom_config=custom_config)
+    trainer_executor = {}
+    if config.tfjob:  # N workers as a Kubeflow TFJob running the same module file (pipeline/tfjob.py)
+        from tfx.dsl.components.base import executor_spec
+
+        from .tfjob import TFJobTrainerExecutor
+
+        trainer_executor["custom_executor_spec"] = executor_spec.ExecutorClassSpec(TFJobTrainerExecutor)
     trainer = tfx.components.Trainer(
         module_file=config.module_file, examples=examples, transform_graph=transform.outputs["transform_graph"],
         schema=schema, hyperparameters=tuner.outputs["best_hyperparameters"] if tuner else None,
         train_args=tfx.proto.TrainArgs(splits=["train"]), eval_args=tfx.proto.EvalArgs(splits=["eval"]),
-        custom_config=custom_config)
+        custom_config=custom_config, **trainer_executor)
     resolver = tfx.dsl.Resolver(
         strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
         model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),

@@ -63,6 +63,8 @@ def build_config(args, for_cluster: bool = False):
         base.update(data_root=data_root, spec=spec)
     if getattr(args, "data_format", None):
         base["data_format"] = args.data_format
+    if getattr(args, "workers", None):
+        base["tfjob"] = {**base.get("tfjob", {}), "workers": args.workers}
     base.setdefault("pipeline_root", str(root / "root"))
     base.setdefault("metadata_path", str(root / "metadata.sqlite"))
     base.setdefault("serving_dir", str(root / "serving"))
@@ -130,6 +132,11 @@ def _find(err: BaseException, kind: type) -> BaseException | None:
     return None
 
 
+def cmd_tfjob_worker(args) -> int:
+    project_module("pipeline.tfjob").run_worker(args.fn_args)
+    return 0
+
+
 def cmd_compile(args) -> int:
     if args.runner != "kubeflow":
         raise ConfigError("only `--runner kubeflow` compiles; `mdmt pipeline run --runner local` runs locally")
@@ -162,6 +169,10 @@ def add_parsers(verbs) -> None:
     p.add_argument("--beam-arg", action="append", default=[], metavar="ARG",
                    help="extra Beam pipeline argument, e.g. --beam-arg=--direct_num_workers=2")
     p.set_defaults(func=cmd_run)
+    p = actions.add_parser("tfjob-worker", help="(inside a TFJob pod) one worker of the pipeline's multi-worker "
+                                                "Trainer: run the module file's run_fn on the saved FnArgs")
+    p.add_argument("--fn-args", required=True, help="the FnArgs JSON the TFJob Trainer wrote (any TF filesystem)")
+    p.set_defaults(func=cmd_tfjob_worker)
     p = actions.add_parser("compile", help="compile a KFP v2 pipeline spec (JSON) for Kubeflow, offline")
     p.add_argument("--runner", required=True, choices=("kubeflow",))
     p.add_argument("--out", required=True, help="output JSON file")
@@ -169,6 +180,9 @@ def add_parsers(verbs) -> None:
     p.add_argument("--pipeline-root", default=None, help="e.g. gs://bucket/mdmt/root")
     p.add_argument("--data-root", default=None, help="e.g. gs://bucket/mdmt/data")
     p.add_argument("--serving-dir", default=None, help="e.g. gs://bucket/mdmt/serving")
+    p.add_argument("--workers", type=int, default=None,
+                   help="train with N workers as a Kubeflow Training Operator TFJob (the config's `tfjob` settings "
+                        "for the rest: namespace, image, resources)")
     p.add_argument("--data-format", default=None, choices=("csv", "tfrecord"),
                    help="the data's format; needed for a remote --data-root (never probed), which must hold "
                         "train*, val* and test* files")
