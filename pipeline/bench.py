@@ -18,7 +18,8 @@ TARGET_SECONDS, TARGET_GIB = 300, 4.0
 
 
 def run(rows: int = 100_000, model: str = "m3oe", epochs: int | None = None, root: str | None = None,
-        keep: bool = False) -> dict:
+        keep: bool = False, beam_args: tuple[str, ...] = ()) -> dict:
+    """beam_args: extra Beam arguments (e.g. --direct_running_mode=multi_processing)."""
     from mdmt_tf.report.tables import markdown_table
 
     from .results import component_seconds, store_for
@@ -28,6 +29,7 @@ def run(rows: int = 100_000, model: str = "m3oe", epochs: int | None = None, roo
                "--data", f"synthetic:{rows}", "--model", model]
     if epochs is not None:
         command += ["--epochs", str(epochs)]
+    command += [f"--beam-arg={arg}" for arg in beam_args]
     print(f"[bench] {' '.join(command[1:])}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -46,7 +48,7 @@ def run(rows: int = 100_000, model: str = "m3oe", epochs: int | None = None, roo
     summary_lines = [line for line in proc.stdout.splitlines() if line.startswith("|") or "blessed" in line]
     print("\n".join(summary_lines))
     result = {"rows": rows, "model": model, "seconds": seconds, "peak_rss_gib": peak_gib,
-              "components": times}
+              "peak_rss_mib": peak_gib * 1024, "components": times, "beam_args": list(beam_args)}
     if not keep and root is None:
         shutil.rmtree(work, ignore_errors=True)
     return result

@@ -12,8 +12,9 @@ times the large tables with Keras' Adam, which updates every row each step, for 
 (`--data shards:DIR`, 8 shards per split, written once under `--root` by `mdmt data
 synthetic --shards`) at each row count, in its own process: its peak RSS and its training
 examples/s; and the in-memory path (`--data synthetic:N`) at the row counts where it fits,
-for the throughput ratio. The pipeline at 10^6 rows (issue 16 item 5) is not measured here
-yet: "pipeline" is null.
+for the throughput ratio. `pipeline`: the local TFX pipeline (`mdmt bench pipeline`, MMoE,
+one epoch) at `--pipeline-rows` rows with Beam's DirectRunner in multi-processing mode (2
+workers); null when not run.
 """
 from __future__ import annotations
 
@@ -150,8 +151,19 @@ def _subprocess(call: str, function: str = "run_vocab") -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+PIPELINE_BEAM_ARGS = ("--direct_running_mode=multi_processing", "--direct_num_workers=2")
+
+
+def pipeline_bench(rows: int) -> dict:
+    """The local pipeline at `rows` rows: {"rows", "seconds", "peak_rss_mib", "components"}."""
+    from mdmt_tf._project import project_module
+
+    result = project_module("pipeline.bench").run(rows=rows, model="mmoe", epochs=1, beam_args=PIPELINE_BEAM_ARGS)
+    return {key: result[key] for key in ("rows", "seconds", "peak_rss_mib", "components", "beam_args")}
+
+
 def main(models=MODELS, batch_size: int = 2048, steps: int = 10, trials: int = 3, dense_adam: bool = True,
-         row_counts=(), root: str = "runs/bench-scale") -> dict:
+         row_counts=(), root: str = "runs/bench-scale", pipeline_rows: int = 0) -> dict:
     """Measure, print tables, return {"vocab": {model: {...}}, "rows": [...], "in_memory": [...],
     "pipeline": None}; no model or no row count skips that part."""
     from mdmt_tf.report.tables import markdown_table
@@ -159,6 +171,8 @@ def main(models=MODELS, batch_size: int = 2048, steps: int = 10, trials: int = 3
     result: dict = {"vocab": {}, "rows": [], "in_memory": [], "pipeline": None}
     if row_counts:
         result.update(rows_bench(row_counts, root, batch_size=batch_size))
+    if pipeline_rows:
+        result["pipeline"] = pipeline_bench(pipeline_rows)
     if not models:
         return result
     vocab, rows = result["vocab"], []

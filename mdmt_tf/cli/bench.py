@@ -33,10 +33,13 @@ def cmd_bench_scale(args) -> int:
         raise ConfigError(f"unknown model(s) {unknown} for bench scale; valid: {list(MODELS)} or 'all'")
     try:
         row_counts = tuple(int(float(r)) for r in args.rows.split(",") if r.strip())
+        pipeline_rows = int(float(args.pipeline_rows))
     except ValueError:
-        raise ConfigError(f"--rows takes comma-separated row counts (e.g. 1e5,1e6,1e7), got {args.rows!r}") from None
+        raise ConfigError(f"--rows takes comma-separated row counts and --pipeline-rows one (e.g. 1e6), got "
+                          f"{args.rows!r} and {args.pipeline_rows!r}") from None
     results = main(models, batch_size=args.batch_size, steps=args.steps, trials=args.trials,
-                   dense_adam=not args.no_dense_adam, row_counts=row_counts, root=args.root)
+                   dense_adam=not args.no_dense_adam, row_counts=row_counts, root=args.root,
+                   pipeline_rows=pipeline_rows)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
@@ -50,6 +53,9 @@ def _add_scale_bench(kinds) -> None:
     p.add_argument("--rows", default="1e5,1e6,1e7",
                    help="rows part: row counts to train MMoE on, streamed from shards ('' to skip it)")
     p.add_argument("--root", default="runs/bench-scale", help="where the rows part's shards are written (kept)")
+    p.add_argument("--pipeline-rows", default="0",
+                   help="pipeline part: the local TFX pipeline (MMoE, 1 epoch, Beam multi-processing) on this many "
+                        "synthetic rows, e.g. 1e6 (0: skip)")
     p.add_argument("--batch-size", type=int, default=2048)
     p.add_argument("--steps", type=int, default=10, help="steps per timed trial")
     p.add_argument("--trials", type=int, default=3, help="timed trials (the median is reported)")

@@ -5,7 +5,7 @@ import argparse
 import os
 
 from mdmt_tf.cli.data import add_data_flags
-from mdmt_tf.cli.train import _key_values, load_data
+from mdmt_tf.cli.train import _key_values, load_data, streamed_data
 from mdmt_tf.training.options import PRECISIONS
 
 
@@ -25,7 +25,8 @@ def cmd_tune(args) -> int:
         capped = args.max_trials is not None and args.max_trials < schedule
         print(f"hyperband: {schedule} trials for --epochs {args.epochs} (max epochs per trial, factor 3)"
               + (f"; --max-trials {args.max_trials} stops it after {args.max_trials}" if capped else ""))
-    encoded = EncodedData.from_data(load_data(args, config.min_count))
+    # --data shards:DIR is streamed (one scan, then tf.data per trial); other sources are loaded
+    encoded = streamed_data(args, config.min_count) or EncodedData.from_data(load_data(args, config.min_count))
     best = run_search(args.model, encoded, config, args.out, kind=args.tuner, max_trials=args.max_trials,
                       seed=args.seed, fixed=_key_values(args.fix, "--fix"), overwrite=args.overwrite,
                       verbose=1 if args.verbose else 0)

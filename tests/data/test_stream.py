@@ -134,3 +134,22 @@ def test_the_cascade_check_streams_too(tmp_path):
     stream.check_cascade(ModelConfig("mmoe", {}))  # not a cascade: fine
     stream.check_cascade(ModelConfig("esmm", {"allow_unnested": True}))  # one warning line
     assert np.isfinite(stream.vocab.dense_std["age"])
+
+
+def test_a_search_streams_its_trials(layouts, tmp_path):
+    from mdmt_tf.training.config import TrainConfig
+    from mdmt_tf.tuning.search import run_search
+
+    _, shards = layouts
+    best = run_search("mmoe", StreamData.scan(shards, SPEC), TrainConfig(epochs=1, batch_size=512), tmp_path / "s",
+                      kind="random", max_trials=1, fixed={"embedding_dim": 4})
+    assert best["objective"]["value"] > 0.5 and (tmp_path / "s" / "best_hparams.yaml").exists()
+
+
+def test_commands_that_do_not_stream_refuse_shards_in_one_line(layouts, tmp_path, capsys):
+    from mdmt_tf.cli import main
+
+    _, shards = layouts
+    code = main(["compare", "--models", "mlp", "--data", f"shards:{shards}", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "streamed by `mdmt train` and `mdmt tune` only" in err[0]
