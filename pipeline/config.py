@@ -67,6 +67,9 @@ class PipelineConfig:
             from .tfjob import settings
 
             settings(self.tfjob)  # validates
+        from .beam_args import check_beam_args
+
+        check_beam_args(self.beam_args, "pipeline config beam_args")
         if self.data_format not in ("auto", "csv", "tfrecord"):
             raise ConfigError(f"data_format must be auto, csv or tfrecord, got {self.data_format!r}")
         if not 0 <= self.auc_floor < 1 or self.max_auc_drop < 0:

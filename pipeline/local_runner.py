@@ -23,6 +23,9 @@ def run(config: PipelineConfig, beam_args: list[str] | None = None):
     Path(config.metadata_path).parent.mkdir(parents=True, exist_ok=True)
     Path(config.pipeline_root).mkdir(parents=True, exist_ok=True)
     metadata = tfx.orchestration.metadata.sqlite_metadata_connection_config(config.metadata_path)
+    from .beam_args import check_beam_args
+
+    check_beam_args([*config.beam_args, *(beam_args or [])], "--beam-arg")
     pipeline = create_pipeline(config, metadata, beam_pipeline_args=[*config.beam_args, *(beam_args or [])])
     tfx.orchestration.LocalDagRunner().run(pipeline)
     return summarize(config.metadata_path, config.dataset_spec.domain)
