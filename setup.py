@@ -50,7 +50,7 @@ setup(
         "tensorflow==2.21.*", "keras>=3.15,<4", "tfx==1.21.0", "ml-pipelines-sdk==1.21.0",
         "tensorflow-transform==1.21.0", "tensorflow-data-validation==1.21.0",
         "tensorflow-model-analysis==0.52.*", "tensorflow-metadata==1.21.*", "ml-metadata==1.21.0",
-        "keras-tuner==1.4.8", "tensorboard==2.21.*", "tensorflow-serving-api",
+        "keras-tuner==1.4.8", "tensorboard==2.21.*", "tensorflow-serving-api", "apache-beam==2.77.*",
         # imported directly as well
         "absl-py", "grpcio", "protobuf", "requests", "numpy", "pandas", "matplotlib", "pyyaml",
     ],

