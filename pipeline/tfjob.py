@@ -29,6 +29,8 @@ from typing import Any
 
 from tfx.components.trainer.executor import GenericExecutor
 
+from .config import PipelineConfig
+
 # the TFJob v1 API's values (kubeflow.org/v1, training-operator)
 REPLICA_TYPES = ("Chief", "Master", "Worker", "PS", "Evaluator")
 RESTART_POLICIES = ("Always", "OnFailure", "Never", "ExitCode")
@@ -195,7 +197,7 @@ class TFJobTrainerExecutor(GenericExecutor):
         with tf.io.gfile.GFile(uri, "w") as handle:
             json.dump(fn_args_payload(fn_args), handle)
         name = f"mdmt-trainer-{int(time.time())}"
-        image = tfjob["image"] or os.environ.get("MDMT_IMAGE") or "ghcr.io/mdmt-tf/mdmt-tf:0.1.0"
+        image = tfjob["image"] or os.environ.get("MDMT_IMAGE") or PipelineConfig.kubeflow_image
         manifest = tfjob_manifest(name, uri, image, tfjob)
         problems = validate_manifest(manifest)
         if problems:

@@ -154,11 +154,7 @@ class StreamData:
     # ------------------------------------------------------------------ batches
     def _parse(self, records):
         spec = self.spec
-        features = {}
-        for name, dtype in self.types.items():
-            default = ("" if dtype == tf.string else 0) if name in spec.sparse else None
-            features[name] = tf.io.FixedLenFeature([], dtype, default_value=default)
-        parsed = tf.io.parse_example(records, features)
+        parsed = tf.io.parse_example(records, _feature_spec(spec, self.types))
         raw = {spec.domain: _text(parsed[spec.domain])}
         raw.update({n: _text(parsed[n]) for n in spec.sparse})
         raw.update({n: tf.cast(parsed[n], tf.float32) for n in spec.dense})
@@ -220,6 +216,14 @@ class StreamData:
         return {k: v.numpy() for k, v in features.items()}
 
 
+def _feature_spec(spec: DatasetSpec, types: dict) -> dict:
+    """parse_example's features: one value per column; a missing sparse feature is "" (or 0),
+    any other missing feature an error."""
+    return {name: tf.io.FixedLenFeature([], dtype, default_value=("" if dtype == tf.string else 0)
+                                        if name in spec.sparse else None)
+            for name, dtype in types.items()}
+
+
 def _text(x):
     return x if x.dtype == tf.string else tf.strings.as_string(x)
 
@@ -227,10 +231,7 @@ def _text(x):
 def _read_shard(path: str, spec: DatasetSpec, types: dict):
     """(serialized records, {column: NumPy values}) batches of one shard; a DataError naming
     the shard (and, for a record that does not parse, its number and column)."""
-    features = {}
-    for name, dtype in types.items():
-        default = ("" if dtype == tf.string else 0) if name in spec.sparse else None
-        features[name] = tf.io.FixedLenFeature([], dtype, default_value=default)
+    features = _feature_spec(spec, types)
     data = tf.data.TFRecordDataset(path, compression_type="GZIP").batch(SCAN_BATCH)
     done = 0
     iterator = iter(data)

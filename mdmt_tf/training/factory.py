@@ -73,21 +73,19 @@ def _plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learni
     them on the data that then judges them. Models without architecture variables, and
     arch modes that do not search, train the weights on every training row."""
     arch_mode = arch_mode or c.arch_mode
+    lr = learning_rate if learning_rate is not None else c.learning_rate
     searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
     if isinstance(enc, StreamData):
         train, heldout, train_rows = _streamed_batches(enc, c, seed, searching, arch_mode, drop_remainder)
     else:
         train, heldout, train_rows = _in_memory_batches(enc, c, seed, searching, arch_mode, drop_remainder)
-    trainer = MDMTTrainer(model, arch_mode=arch_mode,
-                          learning_rate=learning_rate if learning_rate is not None else c.learning_rate,
+    trainer = MDMTTrainer(model, arch_mode=arch_mode, learning_rate=lr,
                           arch_learning_rate=arch_learning_rate if arch_learning_rate is not None
                           else c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
                           steps_per_epoch=int(np.ceil(train_rows / c.batch_size)),
                           task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
                           jit_compile=c.jit_compile,
-                          weight_optimizer=weight_optimizer(
-                              c.embedding_optimizer, learning_rate if learning_rate is not None else c.learning_rate,
-                              model.embedding_rows()))
+                          weight_optimizer=weight_optimizer(c.embedding_optimizer, lr, model.embedding_rows()))
     return trainer, train
 
 
