@@ -12,6 +12,19 @@ def register(cls):
     return keras.saving.register_keras_serializable(package=PACKAGE)(cls)
 
 
+def row_source(variable):
+    """What to gather a variable's rows from without reading it whole: the tf.Variable behind
+    a Keras variable (or, inside a stateless scope, the scope's tensor); for a tf.distribute
+    MirroredVariable, the copy on the current device (every copy holds the same values). A
+    gather on the MirroredVariable itself falls back to a read of the whole variable
+    (measured: a 10M x 16 table made a MultiWorkerMirrored step 225 ms against 4 ms); on the
+    copy it is a ResourceGather, and the gradient still reaches the mirrored variable as
+    IndexedSlices."""
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    local = getattr(value, "_get_on_device_or_primary", None)
+    return local() if local is not None else value
+
+
 def clone_initializer(initializer, index: int):
     """A fresh copy of `initializer` for the index-th weight of a layer.
 

@@ -5,7 +5,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from mdmt_tf.layers._util import check_positive_int, register
+from mdmt_tf.layers._util import check_positive_int, register, row_source
 
 
 @register
@@ -123,7 +123,6 @@ class FieldEmbedding(keras.layers.Layer):
 
 
 def _rows(table, ids):
-    """table[ids], reading only those rows: `value` is the tf.Variable itself outside a
-    stateless scope (tf.gather then does a ResourceGather with an IndexedSlices gradient),
-    the scope's tensor inside one."""
-    return tf.gather(table.value, ids)
+    """table[ids], reading only those rows (a ResourceGather with an IndexedSlices gradient;
+    see _util.row_source)."""
+    return tf.gather(row_source(table), ids)

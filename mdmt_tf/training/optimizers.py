@@ -20,6 +20,7 @@ import tensorflow as tf
 from keras import ops
 
 from mdmt_tf.errors import ConfigError
+from mdmt_tf.layers._util import row_source
 from mdmt_tf.training.options import AUTO_ROWS
 
 
@@ -48,8 +49,8 @@ class RowSparseAdam(keras.optimizers.Adam):
         grad = tf.math.unsorted_segment_sum(tf.cast(gradient.values, dtype), position, tf.shape(rows)[0])
         index = self._get_variable_index(variable)
         m, v = self._momentums[index], self._velocities[index]
-        m_rows = beta_1 * tf.gather(m.value, rows) + (1 - beta_1) * grad
-        v_rows = beta_2 * tf.gather(v.value, rows) + (1 - beta_2) * tf.square(grad)
+        m_rows = beta_1 * tf.gather(row_source(m), rows) + (1 - beta_1) * grad
+        v_rows = beta_2 * tf.gather(row_source(v), rows) + (1 - beta_2) * tf.square(grad)
         self.assign(m, tf.IndexedSlices(m_rows, rows))
         self.assign(v, tf.IndexedSlices(v_rows, rows))
         self.assign_sub(variable, tf.IndexedSlices(alpha * m_rows / (tf.sqrt(v_rows) + self.epsilon), rows))

@@ -66,22 +66,25 @@ def test_two_workers_finish_with_identical_weights(tmp_path, arch_mode, embeddin
     assert metrics["steps"].get("architecture", 0) == (metrics["steps"]["weight"] if arch_mode == "bilevel" else 0)
 
 
-def test_two_workers_take_the_step_one_device_takes(tmp_path):
-    """One SGD step on a global batch of 64: two workers (32 rows each, gradients summed by
+@pytest.mark.parametrize("optimizer", ["sgd", "row_sparse_adam"])
+def test_two_workers_take_the_step_one_device_takes(tmp_path, optimizer):
+    """One step on a global batch of 64: two workers (32 rows each, gradients summed by
     the all-reduce) end where one device does; so does the architecture step, whose held-out
-    batch each worker reads whole and splits by replica."""
+    batch each worker reads whole and splits by replica. With RowSparseAdam the tables and
+    moments are gathered from each worker's own copy, and the rows' gradients all-gathered."""
     script = os.path.join(os.path.dirname(__file__), "one_step_worker.py")
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     env.pop("TF_CONFIG", None)
-    single = subprocess.run([sys.executable, script, str(tmp_path / "single")], env=env, capture_output=True,
-                            text=True, timeout=600)
+    single = subprocess.run([sys.executable, script, str(tmp_path / "single"), "single", optimizer], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
     cluster = [f"127.0.0.1:{p}" for p in _ports(2)]
     workers = []
     for index in range(2):
         worker_env = {**env, "TF_CONFIG": json.dumps({"cluster": {"worker": cluster},
                                                       "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen([sys.executable, script, str(tmp_path / f"worker{index}"), "multiworker"],
+        workers.append(subprocess.Popen([sys.executable, script, str(tmp_path / f"worker{index}"), "multiworker",
+                                         optimizer],
                                         env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     for worker in workers:
         _, stderr = worker.communicate(timeout=600)
