@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,9 @@ from mdmt_tf.data.vocab import Vocabularies
 from mdmt_tf.errors import DataError
 from mdmt_tf.log import LOG
 from mdmt_tf.spec import DatasetSpec
+
+if TYPE_CHECKING:
+    from mdmt_tf.models.schema import FeatureSchema
 
 SCAN_BATCH = 65_536
 _TYPES = {"bytes_list": tf.string, "int64_list": tf.int64, "float_list": tf.float32}
@@ -59,8 +63,104 @@ def _feature_types(path: str, spec: DatasetSpec) -> dict:
     return types
 
 
+class StreamedSplits:
+    """Splits streamed from gzip TFRecord files in tf.data: the interface `Run`, the trainer
+    factory and the tuner share with the in-memory EncodedData (`rows`, `batches`, `scorer`,
+    `sample`, `check_cascade`, and the attributes below). Subclasses parse a batch of
+    serialized records into (model inputs, labels): StreamData with the library's front
+    from shards, mdmt_tf.training.transformed.TransformedStream with a Transform graph."""
+
+    spec: DatasetSpec
+    files: dict[str, list[str]]
+    counts: dict[str, int]
+    front: object
+    schema: "FeatureSchema"
+    warmup: list
+    unnested: DataError | None  # the first training row whose labels break the task cascade
+
+    @property
+    def domains(self) -> list[str]:
+        raise NotImplementedError
+
+    def rows(self, split: str) -> int:
+        return self.counts[split]
+
+    def _parse(self, records) -> tuple[dict, dict]:
+        """A batch of serialized records -> (model inputs, labels)."""
+        raise NotImplementedError
+
+    def check_cascade(self, model_config) -> None:
+        """A cascade model (ESMM) needs nested training labels: the scan's first offending row
+        as the error, or one warning line with `allow_unnested` (mdmt_tf.data.checks)."""
+        if self.unnested is None or not model_is_cascade(model_config):
+            return
+        if model_config.resolved_params().get("allow_unnested", False):
+            LOG.warning("%s: the training labels are not nested (first: %s); training anyway (allow_unnested=true)",
+                        model_config.name, self.unnested)
+            return
+        message = str(self.unnested).replace("a cascade", f"model {model_config.name} is a cascade", 1)
+        raise DataError(message)
+
+    # ------------------------------------------------------------------ batches
+    def records(self, split: str, *, shuffle: bool = False, seed: int = 0, keep=None,
+                buffer: int = 100_000) -> tf.data.Dataset:
+        """The split's serialized records. Shuffled (`shuffle` and `buffer` > 0): the shards in a
+        seeded order, four read at a time and interleaved, then a seeded shuffle buffer of
+        `buffer` records, reshuffled every epoch. Otherwise the files' order, one after the
+        other. `keep(record) -> bool` filters."""
+        files = self.files[split]
+        data = tf.data.Dataset.from_tensor_slices(files)
+        mixed = bool(shuffle and buffer)
+        if mixed and len(files) > 1:
+            data = data.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        data = data.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+                               cycle_length=min(len(files), 4) if mixed else 1, num_parallel_calls=tf.data.AUTOTUNE,
+                               deterministic=True)
+        if keep is not None:
+            data = data.filter(keep)
+        if mixed:
+            data = data.shuffle(min(buffer, max(1, self.rows(split))), seed=seed, reshuffle_each_iteration=True)
+        return data
+
+    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                drop_remainder: bool = False, keep=None, buffer: int = 100_000) -> tf.data.Dataset:
+        """(features, labels) batches of `split`, encoded by the front (see `records`)."""
+        data = self.records(split, shuffle=shuffle, seed=seed, keep=keep, buffer=buffer)
+        data = data.batch(batch_size, drop_remainder=drop_remainder)
+        if keep is None:  # a known number of batches: Keras then knows an epoch's end
+            rows = self.rows(split)
+            data = data.apply(tf.data.experimental.assert_cardinality(
+                rows // batch_size if drop_remainder else -(-rows // batch_size)))
+        return data.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+    def scorer(self, model, batch_size: int):
+        """split -> ({task: probabilities [N]}, {task: labels [N]}, domain indices [N]), the
+        split scored batch by batch by `model` (as EncodedData.scorer)."""
+        predict = tf.function(lambda features: model(features, training=False), reduce_retracing=True)
+        return lambda split: self._scored(split, predict, batch_size)
+
+    def _scored(self, split: str, predict, batch_size: int) -> tuple[dict, dict, np.ndarray]:
+        probs: dict[str, list] = {t: [] for t in self.spec.tasks}
+        labels: dict[str, list] = {t: [] for t in self.spec.tasks}
+        domain = []
+        for features, batch_labels in self.batches(split, batch_size):
+            out = predict(features)
+            for task in self.spec.tasks:
+                probs[task].append(np.asarray(out[task], np.float32).reshape(-1))
+                labels[task].append(batch_labels[task].numpy())
+            domain.append(features[self.spec.domain].numpy())
+        return ({t: np.concatenate(v) for t, v in probs.items()}, {t: np.concatenate(v) for t, v in labels.items()},
+                np.concatenate(domain))
+
+    def sample(self, split: str, rows: int | None = None) -> dict[str, np.ndarray]:
+        """The first `rows` encoded rows of a split as arrays (plots of gates and scalings;
+        default 50,000)."""
+        features, _ = next(iter(self.batches(split, rows or 50_000)))
+        return {k: v.numpy() for k, v in features.items()}
+
+
 @dataclasses.dataclass
-class StreamData:
+class StreamData(StreamedSplits):
     """A sharded dataset read in tf.data (see the module doc)."""
 
     spec: DatasetSpec
@@ -69,16 +169,13 @@ class StreamData:
     counts: dict[str, int]
     types: dict
     front: object = None
-    schema: object = None
+    schema: "FeatureSchema" = None  # type: ignore[assignment]  # set by scan
     warmup: list = dataclasses.field(default_factory=list)
     unnested: DataError | None = None  # the first training row whose labels break the task cascade
 
     @property
     def domains(self) -> list[str]:
         return list(self.vocab.domains)
-
-    def rows(self, split: str) -> int:
-        return self.counts[split]
 
     # ------------------------------------------------------------------ scan
     @classmethod
@@ -139,19 +236,6 @@ class StreamData:
         data.schema = FeatureSchema.from_data(spec, vocab)
         return data
 
-    def check_cascade(self, model_config) -> None:
-        """A cascade model (ESMM) needs nested training labels: the scan's first offending row
-        as the error, or one warning line with `allow_unnested` (mdmt_tf.data.checks)."""
-        if self.unnested is None or not model_is_cascade(model_config):
-            return
-        if model_config.resolved_params().get("allow_unnested", False):
-            LOG.warning("%s: the training labels are not nested (first: %s); training anyway (allow_unnested=true)",
-                        model_config.name, self.unnested)
-            return
-        message = str(self.unnested).replace("a cascade", f"model {model_config.name} is a cascade", 1)
-        raise DataError(message)
-
-    # ------------------------------------------------------------------ batches
     def _parse(self, records):
         spec = self.spec
         parsed = tf.io.parse_example(records, _feature_spec(spec, self.types))
@@ -161,59 +245,24 @@ class StreamData:
         labels = {t: tf.cast(parsed[t], tf.float32) for t in spec.tasks}
         return self.front(raw), labels
 
-    def records(self, split: str, *, shuffle: bool = False, seed: int = 0, keep=None,
-                buffer: int = 100_000) -> tf.data.Dataset:
-        """The split's serialized records: shards in a seeded order and interleaved, then (if
-        `shuffle` and `buffer` > 0) a seeded shuffle buffer of `buffer` records, reshuffled
-        every epoch; `keep(record) -> bool` filters."""
-        files = self.files[split]
-        data = tf.data.Dataset.from_tensor_slices(files)
-        if shuffle and buffer and len(files) > 1:
-            data = data.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        data = data.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
-                               cycle_length=min(len(files), 4), num_parallel_calls=tf.data.AUTOTUNE,
-                               deterministic=True)
-        if keep is not None:
-            data = data.filter(keep)
-        if shuffle and buffer:
-            data = data.shuffle(min(buffer, max(1, self.rows(split))), seed=seed, reshuffle_each_iteration=True)
-        return data
 
-    def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                drop_remainder: bool = False, keep=None, buffer: int = 100_000) -> tf.data.Dataset:
-        """(features, labels) batches of `split`, encoded by the front (see `records`)."""
-        data = self.records(split, shuffle=shuffle, seed=seed, keep=keep, buffer=buffer)
-        data = data.batch(batch_size, drop_remainder=drop_remainder)
-        if keep is None:  # a known number of batches: Keras then knows an epoch's end
-            rows = self.rows(split)
-            data = data.apply(tf.data.experimental.assert_cardinality(
-                rows // batch_size if drop_remainder else -(-rows // batch_size)))
-        return data.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
-
-    def scorer(self, model, batch_size: int):
-        """split -> ({task: probabilities [N]}, {task: labels [N]}, domain indices [N]), the
-        split scored batch by batch by `model` (as EncodedData.scorer)."""
-        predict = tf.function(lambda features: model(features, training=False), reduce_retracing=True)
-        return lambda split: self._scored(split, predict, batch_size)
-
-    def _scored(self, split: str, predict, batch_size: int) -> tuple[dict, dict, np.ndarray]:
-        probs: dict[str, list] = {t: [] for t in self.spec.tasks}
-        labels: dict[str, list] = {t: [] for t in self.spec.tasks}
-        domain = []
-        for features, batch_labels in self.batches(split, batch_size):
-            out = predict(features)
-            for task in self.spec.tasks:
-                probs[task].append(np.asarray(out[task], np.float32).reshape(-1))
-                labels[task].append(batch_labels[task].numpy())
-            domain.append(features[self.spec.domain].numpy())
-        return ({t: np.concatenate(v) for t, v in probs.items()}, {t: np.concatenate(v) for t, v in labels.items()},
-                np.concatenate(domain))
-
-    def sample(self, split: str, rows: int | None = None) -> dict[str, np.ndarray]:
-        """The first `rows` encoded rows of a split as arrays (plots of gates and scalings;
-        default 50,000)."""
-        features, _ = next(iter(self.batches(split, rows or 50_000)))
-        return {k: v.numpy() for k, v in features.items()}
+def read_columns(files: list[str], spec: DatasetSpec):
+    """(shard, records of the shard before the batch, {column: NumPy values}) batches of the
+    shards, checked as `StreamData.scan` checks them (a label not 0/1, a non-finite dense
+    value, a missing feature, a corrupt or truncated shard: a DataError naming the shard, the
+    record and the column); text columns as str. For scoring a split without a training scan
+    (`mdmt evaluate` and `mdmt predict` on --data shards:DIR)."""
+    types = _feature_types(files[0], spec)
+    for path in files:
+        _check_gzip_complete(path)
+        offset = 0
+        for _, columns in _read_shard(path, spec, types):
+            _check(columns, spec, path, offset)
+            for name, values in columns.items():
+                if values.dtype == object:
+                    columns[name] = values.astype(str)
+            yield path, offset, columns
+            offset += len(columns[spec.domain])
 
 
 def _feature_spec(spec: DatasetSpec, types: dict) -> dict:

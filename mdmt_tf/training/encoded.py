@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from mdmt_tf.data.dataset import MDMTData
+from mdmt_tf.data.stream import StreamedSplits
 from mdmt_tf.models import FeatureSchema
 from mdmt_tf.preprocessing import FeatureFront, encode
 
@@ -59,3 +60,8 @@ class EncodedData:
 def take(arrays: dict, index: np.ndarray) -> dict:
     """The rows `index` of every array."""
     return {k: v[index] for k, v in arrays.items()}
+
+
+# a run's splits: in memory, or streamed from files (the same interface to the trainer,
+# the scoring and the outputs)
+SplitData = EncodedData | StreamedSplits

@@ -12,10 +12,10 @@ import numpy as np
 import tensorflow as tf
 
 from mdmt_tf.data.dataset import make_dataset
-from mdmt_tf.data.stream import StreamData
+from mdmt_tf.data.stream import StreamedSplits
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.training.config import TrainConfig
-from mdmt_tf.training.encoded import EncodedData, take
+from mdmt_tf.training.encoded import EncodedData, SplitData, take
 from mdmt_tf.training.mamdr import MAMDRTrainer
 from mdmt_tf.training.optimizers import weight_optimizer
 from mdmt_tf.training.trainer import MDMTTrainer
@@ -32,7 +32,7 @@ class TrainerSetup:
     examples_per_step: float
 
 
-def make_trainer(model, enc: EncodedData, config: TrainConfig, seed: int, *, learning_rate: float | None = None,
+def make_trainer(model, enc: SplitData, config: TrainConfig, seed: int, *, learning_rate: float | None = None,
                  arch_learning_rate: float | None = None, arch_mode: str | None = None,
                  drop_remainder: bool = False) -> TrainerSetup:
     """The trainer of `model` on the encoded data under `config`; `seed` shuffles the batches
@@ -40,10 +40,10 @@ def make_trainer(model, enc: EncodedData, config: TrainConfig, seed: int, *, lea
     arguments override the config (a tuner trial's searched values); drop_remainder drops
     each pass's last partial batch (benchmarks time full batches only)."""
     c = config
-    if c.strategy != "plain" and isinstance(enc, StreamData):
-        raise ConfigError(f"--strategy {c.strategy} (MAMDR) trains per domain from in-memory data; the streaming "
-                          "input (--data shards:DIR) supports --strategy plain")
     if c.strategy != "plain":
+        if isinstance(enc, StreamedSplits):
+            raise ConfigError(f"--strategy {c.strategy} (MAMDR) trains per domain from in-memory data; the streaming "
+                              "input (--data shards:DIR) supports --strategy plain")
         m = c.mamdr
         domains = sorted(set(enc.domain["train"].tolist()))
         trainer = MAMDRTrainer(model, strategy=c.strategy, domains=domains, granularity=m.granularity,
@@ -61,7 +61,7 @@ def make_trainer(model, enc: EncodedData, config: TrainConfig, seed: int, *, lea
     return TrainerSetup(trainer, train, None, c.batch_size)
 
 
-def _plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learning_rate: float | None,
+def _plain_trainer(model, enc: SplitData, c: TrainConfig, seed: int, *, learning_rate: float | None,
                    arch_learning_rate: float | None, arch_mode: str | None, drop_remainder: bool):
     """(MDMTTrainer, its training batches) for `model` on the encoded data.
 
@@ -75,7 +75,7 @@ def _plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learni
     arch_mode = arch_mode or c.arch_mode
     lr = learning_rate if learning_rate is not None else c.learning_rate
     searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
-    if isinstance(enc, StreamData):
+    if isinstance(enc, StreamedSplits):
         train, heldout, train_rows = _streamed_batches(enc, c, seed, searching, arch_mode, drop_remainder)
     else:
         train, heldout, train_rows = _in_memory_batches(enc, c, seed, searching, arch_mode, drop_remainder)
@@ -84,12 +84,12 @@ def _plain_trainer(model, enc: EncodedData, c: TrainConfig, seed: int, *, learni
                           else c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
                           steps_per_epoch=int(np.ceil(train_rows / c.batch_size)),
                           task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
-                          jit_compile=c.jit_compile,
+                          jit_compile=c.jit_compile, checkpoint_heldout=not isinstance(enc, StreamedSplits),
                           weight_optimizer=weight_optimizer(c.embedding_optimizer, lr, model.embedding_rows()))
     return trainer, train
 
 
-def _streamed_batches(enc: StreamData, c: TrainConfig, seed: int, searching: bool, arch_mode: str,
+def _streamed_batches(enc: StreamedSplits, c: TrainConfig, seed: int, searching: bool, arch_mode: str,
                       drop_remainder: bool):
     """(training batches, architecture batches or None, training rows) from the shards: the
     held-out slice is the records whose fingerprint falls in the first FRACTION of 1000 bins

@@ -24,14 +24,14 @@ import tensorflow as tf
 
 from mdmt_tf.data.checks import check_cascade
 from mdmt_tf.data.dataset import MDMTData
-from mdmt_tf.data.stream import StreamData
+from mdmt_tf.data.stream import StreamedSplits
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.files import read_json, write_json
 from mdmt_tf.log import LOG
 from mdmt_tf.models import ModelConfig, build_model
 from mdmt_tf.training.callbacks import ArchitectureTrajectory, ResumableEarlyStopping, ValidationMetrics
 from mdmt_tf.training.config import TrainConfig
-from mdmt_tf.training.encoded import EncodedData
+from mdmt_tf.training.encoded import EncodedData, SplitData
 from mdmt_tf.training.factory import make_trainer
 from mdmt_tf.training.outputs import RunInfo, Trained, finish
 from mdmt_tf.training.runtime import distribution_strategy, is_chief, resolve_precision
@@ -78,13 +78,13 @@ class _Timer(keras.callbacks.Callback):
 class Run:
     """One training run in one directory (see the module doc)."""
 
-    def __init__(self, model_config: ModelConfig, data: "MDMTData | EncodedData", config: TrainConfig,
+    def __init__(self, model_config: ModelConfig, data: "MDMTData | EncodedData | StreamedSplits", config: TrainConfig,
                  out_dir: str | Path, source: str = "", verbose: int | None = None, callbacks=(),
                  export: bool = True, plots: bool = True, save_predictions: bool = False,
                  model_dir: str | Path | None = None):
         self.model_config, self.config = model_config, config
-        # EncodedData in memory, or StreamData streamed from shards: the same interface here
-        self.encoded = data if isinstance(data, (EncodedData, StreamData)) else None
+        # EncodedData in memory, or StreamedSplits streamed from files: the same interface here
+        self.encoded = data if isinstance(data, (EncodedData, StreamedSplits)) else None
         self.data: MDMTData | None = data if isinstance(data, MDMTData) else None
         self.out = Path(out_dir)
         self.resume_dir = self.out / "checkpoints"  # the chief's checkpoints, which every worker resumes from
@@ -123,7 +123,7 @@ class Run:
         epoch = read_json(state).get("epoch", 0) if state.exists() else 0
         return self.config.seed if epoch == 0 else self.config.seed * 1_000_003 + 7919 * epoch
 
-    def _trainer(self, model, enc: EncodedData):
+    def _trainer(self, model, enc: SplitData):
         """(trainer, training batches, steps per epoch, examples per step): see factory.make_trainer."""
         setup = make_trainer(model, enc, self.config, self._data_seed())
         return setup.trainer, setup.train, setup.steps_per_epoch, setup.examples_per_step
@@ -142,7 +142,7 @@ class Run:
         # a cascade (ESMM) needs nested training labels: checked before the run directory is written
         if self.data is not None:
             check_cascade(self.model_config, self.data.spec.tasks, self.data.labels("train"), self.data)
-        elif isinstance(self.encoded, StreamData):
+        elif isinstance(self.encoded, StreamedSplits):
             self.encoded.check_cascade(self.model_config)
         elif self.encoded is not None:
             check_cascade(self.model_config, self.encoded.spec.tasks, self.encoded.labels["train"])

@@ -11,7 +11,7 @@ import numpy as np
 
 from mdmt_tf.models import ModelConfig
 from mdmt_tf.training.config import TrainConfig
-from mdmt_tf.training.encoded import EncodedData
+from mdmt_tf.training.encoded import SplitData
 from mdmt_tf.training.evaluation import evaluate
 from mdmt_tf.training.predict import forward_details
 
@@ -46,7 +46,7 @@ class RunInfo:
     save_predictions: bool = False
 
 
-def finish(trained: Trained, enc: EncodedData, run: RunInfo) -> dict:
+def finish(trained: Trained, enc: SplitData, run: RunInfo) -> dict:
     """Evaluate, export, write metrics.json (and plots); returns the metrics payload."""
     from mdmt_tf.export.savedmodel import export_savedmodel
     from mdmt_tf.report.metrics import arch_summary, write_metrics
@@ -84,7 +84,7 @@ def finish(trained: Trained, enc: EncodedData, run: RunInfo) -> dict:
     return payload
 
 
-def _serving_check(trained: Trained, enc: EncodedData, c: TrainConfig, test_predictions: dict) -> dict:
+def _serving_check(trained: Trained, enc: SplitData, c: TrainConfig, test_predictions: dict) -> dict:
     """The serving precision; for an export in another precision than the evaluation's, its own
     test metrics and its largest difference from the evaluated scores."""
     served: dict[str, Any] = {"precision": c.serving_precision}
@@ -98,7 +98,7 @@ def _serving_check(trained: Trained, enc: EncodedData, c: TrainConfig, test_pred
     return served
 
 
-def write_plots(payload: dict, trained: Trained, enc: EncodedData, directory: Path, batch_size: int) -> None:
+def write_plots(payload: dict, trained: Trained, enc: SplitData, directory: Path, batch_size: int) -> None:
     """auc_heatmap, training_curves, arch_trajectories and the gate plots of the validation split."""
     from mdmt_tf.report import plots
 

@@ -88,7 +88,7 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
                  arch_learning_rate: float = 3e-3, arch_period: int = 1, heldout=None,
                  steps_per_epoch: int | None = None, task_weights: dict | None = None,
                  loss_reduction: str = "pair", jit_compile: bool = False, weight_optimizer=None,
-                 arch_optimizer=None, **kwargs):
+                 arch_optimizer=None, checkpoint_heldout: bool = True, **kwargs):
         super().__init__(name=kwargs.pop("name", "trainer"), **kwargs)
         if arch_mode not in ARCH_MODES:
             raise ConfigError(f"arch_mode must be one of {list(ARCH_MODES)}, got {arch_mode!r}")
@@ -130,7 +130,12 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
                 raise ConfigError(f"arch_mode {arch_mode!r} needs a stream of batches for the architecture steps "
                                   "(bilevel: a held-out slice of training data or the validation split; authors: "
                                   "a separate pass over the training data)")
-            self._heldout = iter(heldout.repeat())
+            iterator = iter(heldout.repeat())
+            # a checkpoint saves the iterator's position (a resumed run draws the batches the
+            # uninterrupted one would), unless checkpoint_heldout is False: a streamed source's
+            # state holds its whole shuffle buffer, and a Transform graph's lookup tables in a
+            # map function cannot be serialized; a resumed run then starts the stream afresh
+            self._heldout = iterator if checkpoint_heldout else _Untracked(iterator)
         if jit_compile:  # XLA-compile each step (Keras compiles train_step itself, without XLA)
             if tf.distribute.has_strategy():
                 raise ConfigError("--jit cannot be combined with a distribution strategy (a compiled step "
@@ -208,7 +213,8 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
     def _heldout_arch_step(self):
         if self._heldout is None:  # only searching trainers take architecture steps, and they all have one
             raise ValueError("MDMTTrainer: an architecture step needs the held-out stream")
-        held_features, held_labels = self._heldout.get_next()
+        iterator = self._heldout.value if isinstance(self._heldout, _Untracked) else self._heldout
+        held_features, held_labels = iterator.get_next()
         return self._arch_step(*replica_shard((held_features, held_labels)))
 
     def _maybe_arch_step(self):
@@ -257,3 +263,11 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         _, loss = self.loss_of(features, labels, training=False)
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
+
+
+class _Untracked:
+    """Holds an object out of reach of tf.train.Checkpoint, which saves trackable attributes
+    only."""
+
+    def __init__(self, value):
+        self.value = value

@@ -132,9 +132,11 @@ def test_mdmt_evaluate_and_predict_score_the_pushed_model(first_run, pipeline_da
     out = tmp_path / "metrics.json"
     assert main(["evaluate", "--model-dir", str(pushed), "--data", f"csv:{pipeline_data[0]}", "--out", str(out)]) == 0
     ours = json.loads(out.read_text())["test"]["auc"]
+    # TFMA's AUC sums over 10,000 thresholds: on a slice of ~120 test rows with ~9 positives
+    # (~1,000 pairs) two scores in one bucket move it by 0.001 a pair; ours is exact
     for pair, value in summary.auc.items():
         if "/" in pair and pair in ours:
-            assert ours[pair] == pytest.approx(value, abs=2e-3), pair
+            assert ours[pair] == pytest.approx(value, abs=5e-3), pair
     predictions = tmp_path / "pred.csv"
     assert main(["predict", "--model-dir", str(pushed), "--data", str(pipeline_data[0] / "test.csv"),
                  "--out", str(predictions)]) == 0
