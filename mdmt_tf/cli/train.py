@@ -247,7 +247,7 @@ def cmd_compare(args) -> int:
     overrides = _key_values(args.param, "--param")
     models = [ModelConfig(name, dict(overrides)) for name in names]
     config = train_config_from_args(args)
-    data = load_data(args, config.min_count)
+    data = streamed_data(args, config.min_count) or load_data(args, config.min_count)
     source = f"{args.data} split={args.split} split_seed={args.split_seed}"
     report = Comparison(models, data, config, args.out, seeds=args.seeds,
                         source=source).run()

@@ -4,7 +4,7 @@
   csv:PATH           a CSV file (split 80/10/10) or a directory with train/val/test.csv
   tfrecord:PATH      a TFRecord file of tf.Example or a directory with train/val/test.tfrecord
   ml100k:DIR         the raw MovieLens-100K files, converted on the fly
-  shards:DIR         sharded gzip TFRecords (train-*/val-*/test-*), streamed by `mdmt train / tune`
+  shards:DIR         sharded gzip TFRecords (train-*/val-*/test-*), streamed by `mdmt train / tune / compare / evaluate`
                      (mdmt_tf.data.stream), never loaded whole
   PATH               csv or tfrecord, told by the file suffix / directory contents
 
@@ -59,8 +59,8 @@ def load_source(text: str, spec_path: str | Path | None = None, split_seed: int 
     """split: "random" (seeded 80/10/10) or "temporal:COLUMN", for sources that are one table."""
     kind, rest = parse_source(text)
     if kind == "shards":
-        raise ConfigError(f"--data {text}: sharded data is streamed by `mdmt train` and `mdmt tune` only so far; "
-                          "for this command write the data as train/val/test files (csv: or tfrecord:)")
+        raise ConfigError(f"--data {text}: sharded data is streamed by `mdmt train`, `tune`, `compare` and "
+                          "`evaluate`; for this command write the data as train/val/test files (csv: or tfrecord:)")
     if kind == "synthetic":
         from mdmt_tf.data.synthetic import SyntheticConfig, generate, synthetic_spec
 

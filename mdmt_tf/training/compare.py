@@ -6,6 +6,12 @@ the training split, (positives + 1 * global rate) / (impressions + 1), the globa
 for items never seen in training. When the single-task `mlp` is among the models, test
 samples are also split by relative feedback (STEM) using its predictions, and every
 model's AUC is reported per group.
+
+Streamed data (--data shards:DIR) is compared without holding a split: the popularity
+baseline and the cold-start shares come from passes over the encoded ids, so an item
+below the vocabulary's min_count shares its OOV bucket's rate, and "never seen in
+training" means "out of the vocabulary" (the same with the default min_count 1; hashed
+fields have no vocabulary and are left out).
 """
 from __future__ import annotations
 
@@ -15,10 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from mdmt_tf.data.dataset import MDMTData
+from mdmt_tf.data.stream import StreamedSplits
 from mdmt_tf.log import LOG
 from mdmt_tf.models import ModelConfig
 from mdmt_tf.training.config import TrainConfig
-from mdmt_tf.training.encoded import EncodedData
+from mdmt_tf.training.encoded import EncodedData, SplitData
 from mdmt_tf.training.evaluation import auc_by_group, evaluate, relative_feedback_groups
 from mdmt_tf.training.fit import Run
 
@@ -29,7 +36,7 @@ def popularity_predictions(data: MDMTData, split: str = "test", item_column: str
                            prior: float = 1.0) -> dict[str, np.ndarray]:
     """Each item's smoothed positive rate per task on the training split."""
     spec = data.spec
-    item = item_column or next((c for c in spec.sparse if "item" in c), spec.sparse[0])
+    item = item_column or _item_column(spec)
     train, target = data.splits.train, data.splits[split]
     out = {}
     for task in spec.tasks:
@@ -40,16 +47,55 @@ def popularity_predictions(data: MDMTData, split: str = "test", item_column: str
     return out
 
 
+def _item_column(spec) -> str:
+    return next((c for c in spec.sparse if "item" in c), spec.sparse[0])
+
+
+def streamed_test(data: StreamedSplits, prior: float = 1.0, batch_size: int = 65_536):
+    """(popularity predictions, labels, domain indices, {field: out-of-vocabulary mask}) of
+    the test split, from one pass over the training split (per-id positives and impressions
+    of the item field: memory of its table's rows) and one over the test split."""
+    spec = data.spec
+    item = _item_column(spec)
+    rows = dict(data.schema.sparse)[item]
+    counts = np.zeros(rows)
+    sums = {t: np.zeros(rows) for t in spec.tasks}
+    for features, labels in data.batches("train", batch_size):
+        ids = features[item].numpy()
+        counts += np.bincount(ids, minlength=rows)
+        for task in spec.tasks:
+            sums[task] += np.bincount(ids, weights=labels[task].numpy(), minlength=rows)
+    # an id never seen in training: (0 + prior * rate) / (0 + prior), the global rate, as in memory
+    smoothed = {t: (sums[t] + prior * sums[t].sum() / counts.sum()) / (counts + prior) for t in spec.tasks}
+    fields = [n for n in spec.sparse if not spec.field_vocab(n).hashed]
+    parts: dict[str, list] = {}
+    for features, labels in data.batches("test", batch_size):
+        ids = features[item].numpy()
+        for task in spec.tasks:
+            parts.setdefault(f"p/{task}", []).append(smoothed[task][ids])
+            parts.setdefault(f"y/{task}", []).append(labels[task].numpy())
+        parts.setdefault("domain", []).append(features[spec.domain].numpy())
+        for name in fields:
+            parts.setdefault(f"oov/{name}", []).append(features[name].numpy() < spec.field_vocab(name).oov_buckets)
+    arrays = {k: np.concatenate(v) for k, v in parts.items()}
+    return ({t: arrays[f"p/{t}"] for t in spec.tasks}, {t: arrays[f"y/{t}"] for t in spec.tasks}, arrays["domain"],
+            {n: arrays[f"oov/{n}"] for n in fields})
+
+
+def unseen_rows(data: MDMTData) -> dict[str, np.ndarray]:
+    """Per sparse feature, the test rows whose id never appears in training."""
+    train, test = data.splits.train, data.splits.test
+    return {name: (~test[name].isin(set(train[name]))).to_numpy() for name in data.spec.sparse}
+
+
 def cold_start_shares(data: MDMTData) -> dict[str, float]:
     """Share of test rows whose id (per sparse feature) never appears in training."""
-    train, test = data.splits.train, data.splits.test
-    return {name: float((~test[name].isin(set(train[name]))).mean()) for name in data.spec.sparse}
+    return {name: float(mask.mean()) for name, mask in unseen_rows(data).items()}
 
 
-def cold_start_field(data: MDMTData, min_share: float = 0.05) -> str | None:
+def cold_start_field(shares: dict[str, float], min_share: float = 0.05) -> str | None:
     """The sparse field with the largest share of test rows whose value never appears in
     training (a temporal split's new users, say), if that share is at least `min_share`."""
-    shares = cold_start_shares(data)
     field = max(shares, key=lambda name: shares[name], default=None)
     return field if field is not None and shares[field] >= min_share else None
 
@@ -62,8 +108,8 @@ def _summary(values: list) -> tuple[float | None, float | None]:
 
 
 class Comparison:
-    def __init__(self, models: list[ModelConfig], data: MDMTData, config: TrainConfig, out_dir, seeds: int = 3,
-                 source: str = "", verbose: int | None = None):
+    def __init__(self, models: list[ModelConfig], data: MDMTData | StreamedSplits, config: TrainConfig, out_dir,
+                 seeds: int = 3, source: str = "", verbose: int | None = None):
         self.models, self.data, self.config = models, data, config
         self.out = Path(out_dir)
         self.seeds, self.source, self.verbose = int(seeds), source, verbose
@@ -72,16 +118,27 @@ class Comparison:
         import dataclasses
 
         data, spec = self.data, self.data.spec
-        domains, tasks = self.data.vocab.domains, list(spec.tasks)
-        index = {d: i for i, d in enumerate(domains)}
-        test = data.splits.test
-        test_domain = test[spec.domain].map(index).to_numpy()
-        labels = {t: test[t].to_numpy() for t in tasks}
-        results: dict[str, list[dict]] = {POPULARITY: [evaluate(popularity_predictions(data), labels, test_domain,
-                                                                domains, tasks)]}
-        predictions: dict[str, list[dict]] = {POPULARITY: [popularity_predictions(data)]}
+        tasks = list(spec.tasks)
+        encoded: SplitData
+        if isinstance(data, StreamedSplits):
+            domains = data.domains
+            popularity, labels, test_domain, unseen_by_field = streamed_test(data)
+            encoded = data
+            rows = {s: data.rows(s) for s in ("train", "val", "test")}
+        else:
+            domains = list(data.vocab.domains)
+            index = {d: i for i, d in enumerate(domains)}
+            test = data.splits.test
+            test_domain = test[spec.domain].map(index).to_numpy()
+            labels = {t: test[t].to_numpy() for t in tasks}
+            popularity = popularity_predictions(data)
+            unseen_by_field = unseen_rows(data)
+            encoded = EncodedData.from_data(data)  # once for every run
+            rows = {s: len(data.splits[s]) for s in ("train", "val", "test")}
+        shares = {name: float(mask.mean()) for name, mask in unseen_by_field.items()}
+        results: dict[str, list[dict]] = {POPULARITY: [evaluate(popularity, labels, test_domain, domains, tasks)]}
+        predictions: dict[str, list[dict]] = {POPULARITY: [popularity]}
         timing: dict[str, list[float]] = {}
-        encoded = EncodedData.from_data(data)  # once for every run
         for model in self.models:
             for seed in range(self.seeds):
                 run_dir = self.out / "runs" / model.name / f"seed{seed}"
@@ -94,16 +151,14 @@ class Comparison:
                     predictions.setdefault(model.name, []).append({t: saved[t] for t in tasks})
         table = self._table(results, domains, tasks)
         report = {"data": self.source, "domains": domains, "tasks": tasks, "seeds": self.seeds,
-                  "rows": {s: len(data.splits[s]) for s in ("train", "val", "test")},
-                  "cold_start": cold_start_shares(data), "table": table,
+                  "rows": rows, "cold_start": shares, "table": table,
                   "train_seconds": {m: float(np.mean(v)) for m, v in timing.items()}}
         if "mlp" in predictions and len(tasks) >= 2:
             report["relative_feedback"] = self._relative_feedback(predictions, labels, tasks)
-        field = cold_start_field(data)
+        field = cold_start_field(shares)
         if field is not None:
-            unseen = (~test[field].isin(set(data.splits.train[field]))).to_numpy()
             report["cold_start_auc"] = self._cold_start_auc(predictions, labels, test_domain, domains, tasks, field,
-                                                            unseen)
+                                                            unseen_by_field[field])
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "compare.json").write_text(json.dumps(report, indent=1))
         write_outputs(report, self.out)
