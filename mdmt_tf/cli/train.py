@@ -110,12 +110,14 @@ def streamed_data(args, min_count: int):
 def cmd_train(args) -> int:
     from mdmt_tf.report.tables import auc_table
     from mdmt_tf.training.fit import train
+    from mdmt_tf.training.runtime import distribution_strategy
 
     model_config = model_config_from_args(args)
     config = train_config_from_args(args)
+    strategy = distribution_strategy(config.distribute)  # before the data's first TF op (a streamed scan)
     data = streamed_data(args, config.min_count) or load_data(args, config.min_count)
     source = f"{args.data} split={args.split} split_seed={args.split_seed}"
-    payload = train(model_config, data, config, args.out, source=source)
+    payload = train(model_config, data, config, args.out, source=source, strategy=strategy)
     domains, tasks = payload["data"]["domains"], payload["data"]["tasks"]
     print()
     print(auc_table(payload["test"], domains, tasks, title=f"{model_config.name} test"))

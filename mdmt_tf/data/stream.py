@@ -131,7 +131,13 @@ class StreamedSplits:
             rows = self.rows(split)
             data = data.apply(tf.data.experimental.assert_cardinality(
                 rows // batch_size if drop_remainder else -(-rows // batch_size)))
-        return data.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        # under MultiWorkerMirrored every worker reads every shard and keeps its part of each
+        # global batch (DATA): equal steps whatever the shards' sizes (FILE auto-shard would
+        # give workers unequal rows, and break the asserted cardinality)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        data = data.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+        return data.with_options(options)
 
     def scorer(self, model, batch_size: int):
         """split -> ({task: probabilities [N]}, {task: labels [N]}, domain indices [N]), the

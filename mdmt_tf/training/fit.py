@@ -81,7 +81,7 @@ class Run:
     def __init__(self, model_config: ModelConfig, data: "MDMTData | EncodedData | StreamedSplits", config: TrainConfig,
                  out_dir: str | Path, source: str = "", verbose: int | None = None, callbacks=(),
                  export: bool = True, plots: bool = True, save_predictions: bool = False,
-                 model_dir: str | Path | None = None):
+                 model_dir: str | Path | None = None, strategy=None):
         self.model_config, self.config = model_config, config
         # EncodedData in memory, or StreamedSplits streamed from files: the same interface here
         self.encoded = data if isinstance(data, (EncodedData, StreamedSplits)) else None
@@ -93,6 +93,9 @@ class Run:
         self.export, self.plots, self.save_predictions = export, plots, save_predictions
         self.verbose = verbose if verbose is not None else (1 if sys.stdout.isatty() else 2)
         self.extra_callbacks = list(callbacks)
+        # a tf.distribute strategy made by the caller (before any TF op of its own, e.g. a
+        # streamed scan: collective ops must be configured at program startup); else made in run()
+        self._strategy = strategy
 
     # ------------------------------------------------------------------ config
     # a rerun may change these (e.g. more epochs to continue a run); anything else must match
@@ -130,7 +133,7 @@ class Run:
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
-        self.strategy = distribution_strategy(self.config.distribute)  # before any other TF op
+        self.strategy = self._strategy or distribution_strategy(self.config.distribute)  # before any other TF op
         self.chief = self.strategy is None or is_chief(self.strategy)
         # every worker checkpoints (collectively), each into its own directory; all resume from
         # the chief's (self.resume_dir, a shared directory), so after a failure they restart at

@@ -257,6 +257,7 @@ def train_from_artifacts(*, train_files, eval_files, transform_output_dir: str, 
     """
     from mdmt_tf.training.config import TrainConfig
     from mdmt_tf.training.fit import Run
+    from mdmt_tf.training.runtime import distribution_strategy
 
     dataset_spec = DatasetSpec.from_dict(spec)
     model_config = ModelConfig.from_dict(model)
@@ -267,8 +268,12 @@ def train_from_artifacts(*, train_files, eval_files, transform_output_dir: str, 
         model_config = ModelConfig(model_config.name, {**model_config.params, **params})
         train = {**train, **train_overrides}
     config = TrainConfig.from_dict(train)
+    # a TFJob worker's MultiWorkerMirrored strategy exists before the row count's TF ops
+    # (collective ops must be configured at program startup)
+    strategy = distribution_strategy(config.distribute)
     data = data_from_artifacts(train_files, eval_files, transform_output_dir, dataset_spec, config)
-    run = Run(model_config, data, config, run_dir, source=source, verbose=2, model_dir=serving_model_dir)
+    run = Run(model_config, data, config, run_dir, source=source, verbose=2, model_dir=serving_model_dir,
+              strategy=strategy)
     return run.run()
 
 

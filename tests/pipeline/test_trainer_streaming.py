@@ -135,3 +135,52 @@ def test_a_bilevel_search_streams_through_the_transform_graph(artifacts, tmp_pat
     more = Run(model, data, TrainConfig(epochs=2, batch_size=256, arch_mode="bilevel", precision="float32"),
                tmp_path / "run", verbose=0, export=False, plots=False).run()
     assert more["epochs_trained"] == 2 and more["steps"]["weight"] > first["steps"]["weight"]
+
+
+def test_two_tfjob_workers_stream_the_artifacts(artifacts, tmp_path):
+    """What a TFJob's pods run (`mdmt pipeline tfjob-worker --fn-args`), as two processes on
+    loopback: the strategy is made before the stream's row count (collective ops must be
+    configured at program startup), both workers stream the Transform graph's batches, end
+    with identical weights, and only the chief exports."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    train, evaluation, transform = artifacts
+    payload = {"train_files": train, "eval_files": evaluation, "transform_graph_path": transform,
+               "serving_model_dir": str(tmp_path / "serving"), "model_run_dir": str(tmp_path / "run"),
+               "hyperparameters": None,
+               "custom_config": {"spec": SPEC.to_dict(),
+                                 "model": {"name": "mmoe", "params": {"expert_units": [8], "tower_units": [4],
+                                                                      "embedding_dim": 4}},
+                                 "train": {"epochs": 1, "batch_size": 256, "precision": "float32",
+                                           "distribute": "multiworker"}}}
+    (tmp_path / "fn_args.json").write_text(json.dumps(payload))
+    sockets = [socket.socket() for _ in range(2)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    cluster = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    for s in sockets:
+        s.close()
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "PYTHONPATH": os.getcwd(),
+               "TF_CONFIG": json.dumps({"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen([sys.executable, "-m", "mdmt_tf", "pipeline", "tfjob-worker", "--fn-args",
+                                         str(tmp_path / "fn_args.json")], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, text=True))
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and metrics["steps"]["weight"] == -(-2400 // 256)
+    assert (tmp_path / "serving" / "saved_model.pb").exists()
+    chief = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last"))
+    other = tf.train.load_checkpoint(str(tmp_path / "run" / "workers" / "worker-1" / "checkpoints" / "last"))
+    names = [n for n, _ in tf.train.list_variables(str(tmp_path / "run" / "checkpoints" / "last"))
+             if n.endswith(".ATTRIBUTES/VARIABLE_VALUE")]
+    assert len(names) > 10
+    for name in names:
+        np.testing.assert_array_equal(chief.get_tensor(name), other.get_tensor(name), err_msg=name)

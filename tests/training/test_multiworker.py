@@ -154,3 +154,31 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
     other = _weights(out / "workers" / "worker-1" / "checkpoints" / "last")
     for name in chief:
         np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
+
+
+def test_two_workers_stream_shards(tmp_path):
+    """--data shards:DIR under two workers: the strategy exists before the scan's first TF op
+    (collective ops must be configured at program startup: the run failed before), and every
+    worker reads every shard and keeps its part of each global batch (DATA auto-shard), so
+    both take the same steps and end with identical weights."""
+    from mdmt_tf.data.shards import write_sharded_synthetic
+    from mdmt_tf.data.synthetic import SyntheticConfig
+
+    data = tmp_path / "shards"
+    write_sharded_synthetic(SyntheticConfig(rows=4000, users=300, items=200, seed=3), data, 4, 1000)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "mdmt_tf", "train", "--model", "mmoe", "--data", f"shards:{data}",
+               "--out", str(out), "--epochs", "2", "--batch-size", "256", "--strategy-distribute", "multiworker",
+               "--precision", "float32", "--param", "expert_units=[16]", "--param", "tower_units=[8]",
+               "--param", "embedding_dim=4"]
+    workers = _launch(command, [f"127.0.0.1:{p}" for p in _ports(2)], {**os.environ, "PYTHONPATH": os.getcwd()})
+    results = [w.communicate(timeout=600) for w in workers]
+    for worker, (_, stderr) in zip(workers, results):
+        assert worker.returncode == 0, stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs_trained"] == 2 and metrics["replicas"] == 2
+    assert metrics["steps"]["weight"] == 2 * -(-metrics["data"]["rows"]["train"] // 256)
+    chief = _weights(out / "checkpoints" / "last")
+    other = _weights(out / "workers" / "worker-1" / "checkpoints" / "last")
+    for name in chief:
+        np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
