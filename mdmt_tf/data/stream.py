@@ -77,6 +77,7 @@ class StreamedSplits:
     schema: "FeatureSchema"
     warmup: list
     unnested: DataError | None  # the first training row whose labels break the task cascade
+    file_rows: dict[str, int]  # each file's records
 
     @property
     def domains(self) -> list[str]:
@@ -103,12 +104,13 @@ class StreamedSplits:
 
     # ------------------------------------------------------------------ batches
     def records(self, split: str, *, shuffle: bool = False, seed: int = 0, keep=None,
-                buffer: int = 100_000) -> tf.data.Dataset:
+                buffer: int = 100_000, files: list[str] | None = None) -> tf.data.Dataset:
         """The split's serialized records. Shuffled (`shuffle` and `buffer` > 0): the shards in a
         seeded order, four read at a time and interleaved, then a seeded shuffle buffer of
         `buffer` records, reshuffled every epoch. Otherwise the files' order, one after the
-        other. `keep(record) -> bool` filters."""
-        files = self.files[split]
+        other. `keep(record) -> bool` filters; `files` reads those of the split's files only
+        (a worker's share)."""
+        files = self.files[split] if files is None else files
         data = tf.data.Dataset.from_tensor_slices(files)
         mixed = bool(shuffle and buffer)
         if mixed and len(files) > 1:
@@ -119,7 +121,8 @@ class StreamedSplits:
         if keep is not None:
             data = data.filter(keep)
         if mixed:
-            data = data.shuffle(min(buffer, max(1, self.rows(split))), seed=seed, reshuffle_each_iteration=True)
+            rows = sum(self.file_rows.get(f, 0) for f in files) or self.rows(split)
+            data = data.shuffle(min(buffer, max(1, rows)), seed=seed, reshuffle_each_iteration=True)
         return data
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool = False, seed: int = 0,
@@ -138,6 +141,40 @@ class StreamedSplits:
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         data = data.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
         return data.with_options(options)
+
+    def worker_batches(self, split: str, batch_size: int, workers: int, *, seed: int = 0, keep=None,
+                       buffer: int = 100_000, kept: float = 1.0, tolerance: float = 0.05):
+        """(dataset_fn for `strategy.distribute_datasets_from_function`, steps per epoch), or
+        None: each of `workers` workers reads only its own files (FILE sharding) when the
+        split's files can be dealt so that every worker's rows are within `tolerance` of the
+        others' (largest files first, each to the worker with the fewest rows); else None,
+        and the caller shards by DATA. A worker's batches are `batch_size / workers` rows, shuffled and
+        repeated; an epoch is the steps of the worker with the fewest rows (`kept`: the
+        share of rows `keep` keeps), so every worker takes the same steps and no row is
+        weighted above another (a worker's rows left at an epoch's end start the next)."""
+        files = self.files[split]
+        if workers < 2 or len(files) < workers or any(f not in self.file_rows for f in files):
+            return None
+        shares: list[list[str]] = [[] for _ in range(workers)]
+        rows = [0] * workers
+        for path in sorted(files, key=lambda f: (-self.file_rows[f], f)):
+            least = rows.index(min(rows))
+            shares[least].append(path)
+            rows[least] += self.file_rows[path]
+        if min(rows) == 0 or max(rows) > (1 + tolerance) * min(rows):
+            return None
+        per_worker = -(-batch_size // workers)
+        steps = max(1, int(min(rows) * kept) // per_worker)
+
+        def dataset_fn(context):
+            index = context.input_pipeline_id
+            LOG.info("worker %d reads %d of the %d %s files (%s rows)", index, len(shares[index]), len(files),
+                     split, f"{rows[index]:,}")
+            data = self.records(split, shuffle=True, seed=seed, keep=keep, buffer=buffer, files=sorted(shares[index]))
+            data = data.batch(context.get_per_replica_batch_size(batch_size), drop_remainder=True)
+            return data.map(self._parse, num_parallel_calls=tf.data.AUTOTUNE).repeat().prefetch(tf.data.AUTOTUNE)
+
+        return dataset_fn, steps
 
     def scorer(self, model, batch_size: int):
         """split -> ({task: probabilities [N]}, {task: labels [N]}, domain indices [N]), the
@@ -178,6 +215,7 @@ class StreamData(StreamedSplits):
     schema: "FeatureSchema" = None  # type: ignore[assignment]  # set by scan
     warmup: list = dataclasses.field(default_factory=list)
     unnested: DataError | None = None  # the first training row whose labels break the task cascade
+    file_rows: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def domains(self) -> list[str]:
@@ -196,6 +234,7 @@ class StreamData(StreamedSplits):
         moments = {n: [0, 0.0, 0.0] for n in spec.dense}  # count, mean, M2 (Chan et al.'s merge)
         domains: set[str] = set()
         counts = dict.fromkeys(SPLITS, 0)
+        file_rows: dict[str, int] = {}
         warmup: list[bytes] = []
         unnested: DataError | None = None
         for split in SPLITS:
@@ -222,6 +261,7 @@ class StreamData(StreamedSplits):
                         counter.update(dict(zip(values.tolist(), n.tolist())))
                     for name in spec.dense:
                         _merge_moments(moments[name], columns[name].astype(np.float64))
+                file_rows[path] = offset
                 LOG.info("scanned %s: %s rows so far", path, f"{sum(counts.values()):,}")
         for split in SPLITS:
             if counts[split] == 0:
@@ -237,7 +277,7 @@ class StreamData(StreamedSplits):
         std = {n: float(np.sqrt(m[2] / m[0])) for n, m in moments.items()}
         vocab = Vocabularies.from_counts(spec, series, sorted(domains), mean, std, min_count)
         data = cls(spec=spec, files=files, vocab=vocab, counts=counts, types=types, warmup=warmup,
-                   unnested=unnested)
+                   unnested=unnested, file_rows=file_rows)
         data.front = FeatureFront.from_data(spec, vocab)
         data.schema = FeatureSchema.from_data(spec, vocab)
         return data

@@ -55,15 +55,16 @@ def make_trainer(model, enc: SplitData, config: TrainConfig, seed: int, *, learn
         # the schedule of epoch e is a function of (seed, e): a resumed run replays the uninterrupted one
         train, steps, rows_per_step = trainer.training_data(enc.features["train"], enc.labels["train"], c.batch_size)
         return TrainerSetup(trainer, train, steps, rows_per_step)
-    trainer, train = _plain_trainer(model, enc, c, seed, learning_rate=learning_rate,
-                                    arch_learning_rate=arch_learning_rate, arch_mode=arch_mode,
-                                    drop_remainder=drop_remainder)
-    return TrainerSetup(trainer, train, None, c.batch_size)
+    trainer, train, steps = _plain_trainer(model, enc, c, seed, learning_rate=learning_rate,
+                                           arch_learning_rate=arch_learning_rate, arch_mode=arch_mode,
+                                           drop_remainder=drop_remainder)
+    return TrainerSetup(trainer, train, steps, c.batch_size)
 
 
 def _plain_trainer(model, enc: SplitData, c: TrainConfig, seed: int, *, learning_rate: float | None,
                    arch_learning_rate: float | None, arch_mode: str | None, drop_remainder: bool):
-    """(MDMTTrainer, its training batches) for `model` on the encoded data.
+    """(MDMTTrainer, its training batches, the steps of an epoch or None for one pass) for
+    `model` on the encoded data.
 
     The architecture steps' batches: bilevel reads a held-out slice of the training rows
     (arch_data "holdout:FRACTION", the default: those rows never enter a weight step) or
@@ -75,27 +76,32 @@ def _plain_trainer(model, enc: SplitData, c: TrainConfig, seed: int, *, learning
     arch_mode = arch_mode or c.arch_mode
     lr = learning_rate if learning_rate is not None else c.learning_rate
     searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
+    steps = None
     if isinstance(enc, StreamedSplits):
-        train, heldout, train_rows = _streamed_batches(enc, c, seed, searching, arch_mode, drop_remainder)
+        train, heldout, train_rows, steps = _streamed_batches(enc, c, seed, searching, arch_mode, drop_remainder)
     else:
         train, heldout, train_rows = _in_memory_batches(enc, c, seed, searching, arch_mode, drop_remainder)
     trainer = MDMTTrainer(model, arch_mode=arch_mode, learning_rate=lr,
                           arch_learning_rate=arch_learning_rate if arch_learning_rate is not None
                           else c.arch_learning_rate, arch_period=c.arch_period, heldout=heldout,
-                          steps_per_epoch=int(np.ceil(train_rows / c.batch_size)),
+                          steps_per_epoch=steps or int(np.ceil(train_rows / c.batch_size)),
                           task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
                           jit_compile=c.jit_compile, checkpoint_heldout=not isinstance(enc, StreamedSplits),
                           weight_optimizer=weight_optimizer(c.embedding_optimizer, lr, model.embedding_rows()))
-    return trainer, train
+    return trainer, train, steps
 
 
 def _streamed_batches(enc: StreamedSplits, c: TrainConfig, seed: int, searching: bool, arch_mode: str,
                       drop_remainder: bool):
-    """(training batches, architecture batches or None, training rows) from the shards: the
-    held-out slice is the records whose fingerprint falls in the first FRACTION of 1000 bins
-    (deterministic, whatever the shard order)."""
+    """(training batches, architecture batches or None, training rows, steps of an epoch or
+    None) from the shards: the held-out slice is the records whose fingerprint falls in the
+    first FRACTION of 1000 bins (deterministic, whatever the shard order). Under
+    MultiWorkerMirrored with shards that deal evenly, each worker reads its own
+    (StreamedSplits.worker_batches); else every worker reads all and keeps its part of each
+    batch (DATA)."""
     heldout, keep = None, None
     rows = enc.rows("train")
+    kept = 1.0
     def shuffled(split, split_seed, keep=None):
         return enc.batches(split, c.batch_size, shuffle=True, seed=split_seed, keep=keep, buffer=c.shuffle_buffer,
                            drop_remainder=drop_remainder)
@@ -109,11 +115,28 @@ def _streamed_batches(enc: StreamedSplits, c: TrainConfig, seed: int, searching:
         def keep(record):
             return tf.strings.to_hash_bucket_fast(record, 1000) >= cut
 
-        rows = int(round(rows * (1000 - cut) / 1000))  # about: the exact count is known after a pass
+        kept = (1000 - cut) / 1000
+        rows = int(round(rows * kept))  # about: the exact count is known after a pass
     elif searching:
         heldout = shuffled("val", seed + 1)
-    train = shuffled("train", seed, keep)
-    return train, heldout, rows
+    workers = _workers()
+    per_worker = enc.worker_batches("train", c.batch_size, workers, seed=seed, keep=keep, buffer=c.shuffle_buffer,
+                                    kept=kept) if workers > 1 else None
+    if per_worker is not None:
+        dataset_fn, steps = per_worker
+        return tf.distribute.get_strategy().distribute_datasets_from_function(dataset_fn), heldout, rows, steps
+    return shuffled("train", seed, keep), heldout, rows, None
+
+
+def _workers() -> int:
+    """The workers of the tf.distribute strategy in scope (1 without a cluster)."""
+    if not tf.distribute.has_strategy():
+        return 1
+    resolver = getattr(tf.distribute.get_strategy(), "cluster_resolver", None)
+    if resolver is None:
+        return 1
+    jobs = resolver.cluster_spec().as_dict()
+    return sum(len(jobs.get(job, [])) for job in ("chief", "worker")) or 1
 
 
 def _in_memory_batches(enc: EncodedData, c: TrainConfig, seed: int, searching: bool, arch_mode: str,

@@ -141,6 +141,7 @@ class TransformedStream(StreamedSplits):
     unnested: DataError | None
     raw_spec: dict
     domain_names: list[str]
+    file_rows: dict[str, int]
 
     @property
     def domains(self) -> list[str]:
@@ -159,15 +160,16 @@ class TransformedStream(StreamedSplits):
         counts: dict[str, int] = {}
         warmup: list[bytes] = []
         unnested: DataError | None = None
+        file_rows: dict[str, int] = {}
         for split in ("train", "val"):
-            counts[split], first, found = _count(files[split], labels_spec, spec, check=split == "train")
+            counts[split], first, found = _count(files[split], labels_spec, spec, file_rows, check=split == "train")
             warmup = warmup or first
             unnested = unnested or found
             LOG.info("%s split: %s rows in %d files", split, f"{counts[split]:,}", len(files[split]))
         counts["test"] = counts["val"]
         return cls(spec=spec, files=files, counts=counts, front=TransformFront(transform_output_dir, spec, domains),
                    schema=feature_schema(spec, transform_output_dir, domains), warmup=warmup, unnested=unnested,
-                   raw_spec=raw_spec, domain_names=domains)
+                   raw_spec=raw_spec, domain_names=domains, file_rows=file_rows)
 
     def _parse(self, records):
         out = self.front.tft_layer(tf.io.parse_example(records, self.raw_spec))
@@ -175,9 +177,10 @@ class TransformedStream(StreamedSplits):
         return self.front.encode(out), labels
 
 
-def _count(files: list[str], labels_spec: dict, spec: DatasetSpec, check: bool):
+def _count(files: list[str], labels_spec: dict, spec: DatasetSpec, file_rows: dict, check: bool):
     """(rows, the first 32 serialized records, the first cascade violation or None) of the
-    files, from one pass parsing the labels only; a DataError names a file that does not read."""
+    files, from one pass parsing the labels only (each file's rows into `file_rows`); a
+    DataError names a file that does not read."""
     rows = 0
     first: list[bytes] = []
     unnested: DataError | None = None
@@ -200,6 +203,7 @@ def _count(files: list[str], labels_spec: dict, spec: DatasetSpec, check: bool):
             raise DataError(f"is corrupt or truncated after record {offset}: {type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]}", source=path) from None
         rows += offset
+        file_rows[path] = offset
     if rows == 0:
         raise DataError("hold no records", source=", ".join(files[:3]))
     return rows, first, unnested

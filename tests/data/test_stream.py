@@ -146,6 +146,27 @@ def test_a_search_streams_its_trials(layouts, tmp_path):
     assert best["objective"]["value"] > 0.5 and (tmp_path / "s" / "best_hparams.yaml").exists()
 
 
+def test_workers_read_their_own_shards_only_when_the_shards_deal_evenly(layouts):
+    """StreamedSplits.worker_batches: files dealt largest first to the worker with the fewest
+    rows; FILE sharding only when every worker's rows are within 5 % (else None: DATA); an
+    epoch is the steps of the worker with the fewest rows, at half the global batch."""
+    import dataclasses
+
+    _, shards = layouts
+    stream = StreamData.scan(shards, SPEC)
+    assert stream.file_rows[stream.files["train"][0]] == stream.rows("train")
+    assert stream.worker_batches("train", 256, 2) is None  # one file, two workers
+    assert stream.worker_batches("train", 256, 1) is None
+    even = dataclasses.replace(stream, files={**stream.files, "train": ["a", "b", "c", "d"]},
+                               file_rows={"a": 1000, "b": 990, "c": 1010, "d": 1000})
+    _, steps = even.worker_batches("train", 256, 2)  # c + b = 2000 and a + d = 2000
+    assert steps == 2000 // 128
+    _, steps = even.worker_batches("train", 256, 2, kept=0.9)
+    assert steps == 1800 // 128
+    uneven = dataclasses.replace(even, file_rows={"a": 3000, "b": 100, "c": 100, "d": 100})
+    assert uneven.worker_batches("train", 256, 2) is None
+
+
 def test_compare_streams_and_matches_in_memory(layouts, tmp_path):
     """`mdmt compare --data shards:DIR`: the same table (popularity included), cold-start
     shares and relative-feedback groups as the same rows read into memory."""

@@ -156,16 +156,19 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
         np.testing.assert_array_equal(chief[name], other[name], err_msg=name)
 
 
-def test_two_workers_stream_shards(tmp_path):
-    """--data shards:DIR under two workers: the strategy exists before the scan's first TF op
-    (collective ops must be configured at program startup: the run failed before), and every
-    worker reads every shard and keeps its part of each global batch (DATA auto-shard), so
-    both take the same steps and end with identical weights."""
-    from mdmt_tf.data.shards import write_sharded_synthetic
+@pytest.mark.parametrize("shards", [4, 3])
+def test_two_workers_stream_shards(tmp_path, shards):
+    """--data shards:DIR under two workers (the strategy is made before the scan's first TF
+    op: collective ops must be configured at program startup, and the run failed before).
+    4 shards a split deal evenly: each worker reads its own two (FILE), in batches of half
+    the global batch, and an epoch is the steps of the worker with fewer rows. 3 shards do
+    not: every worker reads all three and keeps its part of each global batch (DATA). Both
+    workers end with identical weights."""
+    from mdmt_tf.data.shards import shard_files, write_sharded_synthetic
     from mdmt_tf.data.synthetic import SyntheticConfig
 
     data = tmp_path / "shards"
-    write_sharded_synthetic(SyntheticConfig(rows=4000, users=300, items=200, seed=3), data, 4, 1000)
+    write_sharded_synthetic(SyntheticConfig(rows=4000, users=300, items=200, seed=3), data, shards, 1000)
     out = tmp_path / "run"
     command = [sys.executable, "-m", "mdmt_tf", "train", "--model", "mmoe", "--data", f"shards:{data}",
                "--out", str(out), "--epochs", "2", "--batch-size", "256", "--strategy-distribute", "multiworker",
@@ -177,7 +180,16 @@ def test_two_workers_stream_shards(tmp_path):
         assert worker.returncode == 0, stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs_trained"] == 2 and metrics["replicas"] == 2
-    assert metrics["steps"]["weight"] == 2 * -(-metrics["data"]["rows"]["train"] // 256)
+    counts = sorted(sum(1 for _ in tf.data.TFRecordDataset(f, compression_type="GZIP"))
+                    for f in shard_files(data)["train"])
+    if shards == 4:  # dealt largest first to the worker with fewer rows
+        per_worker = [counts[3] + counts[0], counts[2] + counts[1]]
+        assert metrics["steps"]["weight"] == 2 * (min(per_worker) // 128)
+        for index, (stdout, stderr) in enumerate(results):
+            assert f"worker {index} reads 2 of the 4 train files" in stdout + stderr
+    else:
+        assert metrics["steps"]["weight"] == 2 * -(-sum(counts) // 256)
+        assert all("train files" not in stdout + stderr for stdout, stderr in results)
     chief = _weights(out / "checkpoints" / "last")
     other = _weights(out / "workers" / "worker-1" / "checkpoints" / "last")
     for name in chief:
