@@ -1,8 +1,9 @@
 """Score a CSV / TFRecord file with a model server or a SavedModel (`mdmt predict`).
 
-Both paths read the file with mdmt_tf's reader (so bad rows fail with the file, row and
-column named), send the raw features through the `predict_raw` signature in batches,
-and return one probability array per task in file order.
+Both paths read the file with mdmt_tf's reader a chunk at a time (so bad rows fail with the
+file, row and column named, and memory does not grow with the file), send the raw features
+through the `predict_raw` signature in batches, and append one probability column per task
+to the output CSV in file order.
 
 The spec of a served model comes from its `model_info` signature (ServingClient.model_info:
 the domain column, its values in the model's order, the tasks in order, each feature's
@@ -29,36 +30,39 @@ def served_spec(client) -> DatasetSpec:
                        domains=info.domains)
 
 
-def read_features(path: str | Path, spec: DatasetSpec) -> dict[str, np.ndarray]:
-    from mdmt_tf.data.dataset import raw_feature_arrays
-    from mdmt_tf.data.readers import read_features_file
+def server_scorer(client, batch_rows: int = BATCH_ROWS):
+    """raw feature columns -> {task: probabilities} through a model server, `batch_rows` rows a request."""
+    def score(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = in_batches(client.predict_raw, raw, batch_rows)
+        return {task: values.astype(np.float32).reshape(-1) for task, values in out.items()}
 
-    return raw_feature_arrays(read_features_file(path, spec), spec)
-
-
-def score_with_server(client, data: str | Path, spec: DatasetSpec | None = None,
-                      batch_rows: int = BATCH_ROWS) -> tuple[DatasetSpec, dict[str, np.ndarray]]:
-    spec = spec or served_spec(client)
-    out = in_batches(client.predict_raw, read_features(data, spec), batch_rows)
-    return spec, {task: values.astype(np.float32).reshape(-1) for task, values in out.items()}
+    return score
 
 
-def score_with_savedmodel(model_dir: str | Path, data: str | Path, spec: DatasetSpec | None = None,
-                          batch_rows: int = 8192) -> tuple[DatasetSpec, dict[str, np.ndarray]]:
-    """In-process, through mdmt_tf.export.scoring (the path `mdmt evaluate` takes too)."""
-    from mdmt_tf.export.scoring import SavedModelScorer
-
-    scorer = SavedModelScorer(model_dir)
-    spec = spec or scorer.spec
-    return spec, scorer.score(read_features(data, spec), batch_rows)
-
-
-def write_predictions(path: str | Path, predictions: dict[str, np.ndarray], tasks) -> Path:
-    """CSV with one probability column per task (in `tasks` order), one row per input row."""
+def predict_to_csv(score, data: str | Path, spec: DatasetSpec, out: str | Path, chunk_rows: int = 100_000) -> int:
+    """Score the CSV / TFRecord file `data` `chunk_rows` rows at a time with `score` (raw
+    feature columns -> {task: probabilities}) and write one probability column per task (the
+    spec's tasks first), one row per input row, to the CSV `out`; returns the rows scored.
+    Memory is bounded by the chunk; `out` appears only once complete (written beside it,
+    then renamed), so a failure leaves no half-written predictions."""
     import pandas as pd
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = [t for t in tasks if t in predictions] + sorted(set(predictions) - set(tasks))
-    pd.DataFrame({t: predictions[t] for t in columns}).to_csv(path, index=False, float_format="%.9g")
-    return path
+    from mdmt_tf.data.dataset import raw_feature_arrays
+    from mdmt_tf.data.readers import feature_chunks
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    rows = 0
+    try:
+        with open(partial, "w", newline="") as handle:
+            for table in feature_chunks(data, spec, chunk_rows):
+                predictions = score(raw_feature_arrays(table, spec))
+                columns = [t for t in spec.tasks if t in predictions] + sorted(set(predictions) - set(spec.tasks))
+                pd.DataFrame({t: predictions[t] for t in columns}).to_csv(handle, index=False, header=rows == 0,
+                                                                          float_format="%.9g")
+                rows += len(table)
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return rows

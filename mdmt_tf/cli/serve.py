@@ -54,6 +54,8 @@ def cmd_predict(args) -> int:
         raise ConfigError("give exactly one of --server URL (a running model server) or --model-dir DIR (a SavedModel)")
     if args.batch_rows < 1:
         raise ConfigError(f"--batch-rows must be >= 1, got {args.batch_rows}")
+    if args.chunk_rows < 1:
+        raise ConfigError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
     spec = _spec(args.spec)
     if args.server is not None:
         ServingClient = project_module("serving.client").ServingClient
@@ -61,14 +63,18 @@ def cmd_predict(args) -> int:
         # without --spec, the spec comes from the model's model_info signature (ServingClient.model_info)
         with ServingClient(args.server, model_name=args.model_name, protocol=args.protocol,
                            timeout=args.timeout) as client:
-            spec, predictions = scoring.score_with_server(client, args.data, spec, batch_rows=args.batch_rows)
+            spec = spec or scoring.served_spec(client)
+            rows = scoring.predict_to_csv(scoring.server_scorer(client, args.batch_rows), args.data, spec, args.out,
+                                          args.chunk_rows)
         source = f"{args.protocol} {args.server} model {args.model_name}"
     else:
-        spec, predictions = scoring.score_with_savedmodel(args.model_dir, args.data, spec)
+        from mdmt_tf.export.scoring import SavedModelScorer
+
+        scorer = SavedModelScorer(args.model_dir)
+        spec = spec or scorer.spec
+        rows = scoring.predict_to_csv(scorer.score, args.data, spec, args.out, args.chunk_rows)
         source = args.model_dir
-    out = scoring.write_predictions(args.out, predictions, spec.tasks)
-    rows = len(next(iter(predictions.values()))) if predictions else 0
-    print(f"scored {rows} rows of {args.data} with {source}; wrote {out} (columns: {', '.join(predictions)})")
+    print(f"scored {rows} rows of {args.data} with {source}; wrote {args.out} (columns: {', '.join(spec.tasks)})")
     return 0
 
 
@@ -95,6 +101,8 @@ def add_parsers(verbs) -> None:
     p.add_argument("--out", required=True, help="output CSV")
     p.add_argument("--batch-rows", type=int, default=1024, help="rows per request (--server)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (--server)")
+    p.add_argument("--chunk-rows", type=int, default=100_000,
+                   help="rows read, scored and written at a time (memory is bounded by the chunk)")
     p.set_defaults(func=cmd_predict)
 
     p = verbs.add_parser("export", help="publish a SavedModel as the next numbered version of a TF Serving base path "

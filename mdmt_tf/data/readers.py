@@ -175,6 +175,30 @@ def read_features_file(path: str | Path, spec: DatasetSpec) -> pd.DataFrame:
     return read_csv_file(path, spec, labels=False)
 
 
+def feature_chunks(path: str | Path, spec: DatasetSpec, rows: int = 100_000) -> Iterator[pd.DataFrame]:
+    """read_features_file `rows` rows at a time (memory bounded by the chunk): typed tables
+    in file order, checked as read_features_file checks them (an error names the file, its
+    line or record, and the column)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("file does not exist", source=str(path))
+    if str(path).endswith(TFRECORD_SUFFIXES):
+        yield from _tfrecord_chunks(path, spec, labels=False, rows=rows)
+        return
+    try:
+        reader = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, chunksize=rows)
+        first_line = 2  # the header is line 1
+        for raw in reader:
+            raw.columns = [c.strip() for c in raw.columns]
+            raw[ROW] = np.arange(first_line, first_line + len(raw))
+            first_line += len(raw)
+            yield coerce_table(raw, spec, source=str(path), header_row=1, labels=False)
+    except pd.errors.EmptyDataError:
+        raise DataError("is empty (no header, no rows)", source=str(path)) from None
+    except pd.errors.ParserError as err:
+        raise DataError(f"is not valid CSV: {err}", source=str(path)) from None
+
+
 # ------------------------------------------------------------------------ TFRecord
 def _iter_records(path: Path) -> Iterator[bytes]:
     import tensorflow as tf  # TF only when TFRecords are read
@@ -200,13 +224,20 @@ def read_tfrecord_file(path: Path, spec: DatasetSpec, labels: bool = True) -> pd
     """A TFRecord file of tf.train.Example -> typed table. Missing sparse features are
     '' (OOV); a missing domain, label or dense feature is an error naming the record
     (labels=False: labels may be missing, data to score)."""
-    from tensorflow.core.example import example_pb2
-
     path = Path(path)
     if not path.exists():
         raise DataError("file does not exist", source=str(path))
+    return pd.concat(list(_tfrecord_chunks(path, spec, labels, rows=None)), ignore_index=True)
+
+
+def _tfrecord_chunks(path: Path, spec: DatasetSpec, labels: bool, rows: int | None) -> Iterator[pd.DataFrame]:
+    """read_tfrecord_file's typed tables, `rows` records at a time (None: one table)."""
+    from tensorflow.core.example import example_pb2
+
     wanted = spec.columns if labels else spec.features
     columns: dict[str, list] = {c: [] for c in wanted}
+    first = 1  # the chunk's first record number
+    number = 0
     try:
         for number, record in enumerate(_iter_records(path), start=1):
             example = example_pb2.Example()
@@ -226,13 +257,21 @@ def read_tfrecord_file(path: Path, spec: DatasetSpec, labels: bool = True) -> pd
                     columns[name].append(_feature_value(feats[name]))
                 except ValueError as err:
                     raise DataError(f"feature {err}", source=str(path), row=number, column=name) from None
+            if rows is not None and number - first + 1 == rows:
+                yield _typed_chunk(columns, first, spec, path, labels)
+                columns, first = {c: [] for c in wanted}, number + 1
     except DataError:
         raise
     except Exception as err:  # corrupted file, wrong format (tf.errors.DataLossError...)
         raise DataError(f"is not a readable TFRecord file: {type(err).__name__}: {str(err)[:200]}",
                         source=str(path)) from None
+    if number >= first or first == 1:  # the last partial chunk (or an empty file's error)
+        yield _typed_chunk(columns, first, spec, path, labels)
+
+
+def _typed_chunk(columns: dict, first: int, spec: DatasetSpec, path: Path, labels: bool) -> pd.DataFrame:
     table = pd.DataFrame(columns)
-    table[ROW] = np.arange(1, len(table) + 1)
+    table[ROW] = np.arange(first, first + len(table))
     return coerce_table(table, spec, source=str(path), header_row=None, labels=labels)
 
 

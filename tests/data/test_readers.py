@@ -223,3 +223,24 @@ def test_features_file_without_labels(tmp_path, small_synthetic):
     _write(tmp_path / "bad.csv", "domain_id,user_id\n0,u1\n")
     with pytest.raises(DataError, match="'item_id'"):
         read_features_file(tmp_path / "bad.csv", spec)
+
+
+def test_feature_chunks_read_what_the_whole_file_reads(tmp_path, small_synthetic):
+    """feature_chunks: the typed rows of read_features_file, a chunk at a time; an error in
+    a later chunk names the file's own line (CSV) or record (TFRecord)."""
+    from mdmt_tf.data.readers import feature_chunks, read_features_file
+
+    spec, table = small_synthetic
+    write_csv(table.head(20).drop(columns=["click", "like"]), tmp_path / "score.csv")
+    write_tfrecord(table.head(11), tmp_path / "score.tfrecord", spec)
+    for name, rows in (("score.csv", 20), ("score.tfrecord", 11)):
+        whole = read_features_file(tmp_path / name, spec)
+        chunks = list(feature_chunks(tmp_path / name, spec, rows=3))
+        assert [len(c) for c in chunks] == [3] * (rows // 3) + [rows % 3]
+        pd.testing.assert_frame_equal(pd.concat(chunks, ignore_index=True), whole)
+    bad = table.head(9).drop(columns=["click", "like"]).copy()
+    bad["age"] = bad["age"].astype(object)
+    bad.loc[bad.index[7], "age"] = "old"
+    write_csv(bad, tmp_path / "bad.csv")
+    with pytest.raises(DataError, match="row 9.*'age'"):
+        list(feature_chunks(tmp_path / "bad.csv", spec, rows=3))

@@ -80,10 +80,13 @@ def _check(out_csv, want, tasks):
         np.testing.assert_allclose(got[task].to_numpy(), want[task], atol=1e-6)
 
 
-def test_predict_with_model_dir(models, data_file, serving_data, tmp_path, capsys):
+@pytest.mark.parametrize("chunk", [[], ["--chunk-rows", "7"]])
+def test_predict_with_model_dir(models, data_file, serving_data, tmp_path, capsys, chunk):
+    """The file is read, scored and written a chunk at a time: the same predictions, in order."""
     path, shuffled = data_file
     out = tmp_path / "pred.csv"
-    code, text, err = run(["predict", "--model-dir", str(models[1]), "--data", str(path), "--out", str(out)], capsys)
+    code, text, err = run(["predict", "--model-dir", str(models[1]), "--data", str(path), "--out", str(out), *chunk],
+                          capsys)
     assert code == 0, err
     _check(out, _expected(models, shuffled, serving_data.spec), list(serving_data.spec.tasks))
 
@@ -109,7 +112,7 @@ def test_predict_tfrecord_with_explicit_spec(server, models, rows, serving_data,
     serving_data.spec.to_yaml(spec)
     out = tmp_path / "pred.csv"
     code, _, err = run(["predict", "--server", server.rest, "--spec", str(spec), "--data", str(data),
-                        "--out", str(out)], capsys)
+                        "--out", str(out), "--chunk-rows", "5"], capsys)
     assert code == 0, err
     _check(out, _expected(models, rows, serving_data.spec), list(serving_data.spec.tasks))
 
@@ -132,6 +135,7 @@ def test_predict_bad_data_names_the_row(server, data_file, tmp_path, capsys):
     table = pd.read_csv(path, dtype=str)
     table.loc[4, "age"] = "old"
     table.to_csv(bad, index=False)
-    code, _, err = run(["predict", "--server", server.rest, "--data", str(bad), "--out", str(tmp_path / "o.csv")],
-                       capsys)
-    assert code == 2 and "row 6" in err and "age" in err
+    code, _, err = run(["predict", "--server", server.rest, "--data", str(bad), "--out", str(tmp_path / "o.csv"),
+                        "--chunk-rows", "3"], capsys)
+    assert code == 2 and "row 6" in err and "age" in err  # in the second chunk: the file's own line
+    assert list(tmp_path.iterdir()) == [bad]  # no half-written predictions
