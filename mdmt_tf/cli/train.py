@@ -67,6 +67,8 @@ MAMDR_FLAGS = {"mamdr_inner_lr": "inner_lr", "mamdr_outer_lr": "outer_lr", "mamd
                "mamdr_inner_steps": "inner_steps", "mamdr_inner_optimizer": "inner_optimizer",
                "mamdr_scope": "scope", "mamdr_granularity": "granularity",
                "mamdr_dn_with_specific": "dn_with_specific", "mamdr_dr_target_steps": "dr_target_steps"}
+BALANCE_FLAGS = {"loss_balance": "method", "balance_unit": "unit", "target_task": "target_task",
+                 "gradnorm_alpha": "alpha", "relax_factor": "relax", "balance_beta": "beta"}
 
 
 def train_config_from_args(args):
@@ -78,7 +80,9 @@ def train_config_from_args(args):
     given = {key: getattr(args, flag) for flag, key in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
     mamdr = {key: getattr(args, flag) for flag, key in MAMDR_FLAGS.items() if getattr(args, flag) is not None}
     weights = {k: float(v) for k, v in _key_values(args.task_weight, "--task-weight").items()}
-    values = {**tuned, **given, "mamdr": {**(tuned.get("mamdr") or {}), **mamdr}}
+    balance = {key: getattr(args, flag) for flag, key in BALANCE_FLAGS.items() if getattr(args, flag) is not None}
+    values = {**tuned, **given, "mamdr": {**(tuned.get("mamdr") or {}), **mamdr},
+              "balance": {**(tuned.get("balance") or {}), **balance}}
     if weights:
         values["task_weights"] = weights
     return TrainConfig.from_dict(values)
@@ -155,6 +159,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     from mdmt_tf.training.options import (
         ARCH_MODES,
         AUTO_ROWS,
+        BALANCE_UNITS,
+        BALANCES,
         DISTRIBUTE,
         EMBEDDING_OPTIMIZERS,
         GRANULARITIES,
@@ -212,6 +218,22 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="--strategy mamdr: DN's steps at theta + theta_d instead of at theta alone (Algorithm 3)")
     p.add_argument("--mamdr-dr-target-steps", type=int, default=None,
                    help="granularity pass: cap DR's pass over the target domain at N batches (0: no cap)")
+    b = c.balance
+    p.add_argument("--loss-balance", default=None, choices=BALANCES,
+                   help="balance the losses of the tasks (or of the (domain, task) pairs, --balance-unit pair): "
+                        "uwl (learned uncertainty weights), gradnorm (gradient-norm targets), metabalance (auxiliary "
+                        f"gradients pulled to --target-task's magnitude); --strategy plain; default {b.method}")
+    p.add_argument("--balance-unit", default=None, choices=BALANCE_UNITS,
+                   help=f"what --loss-balance balances: the tasks or the (domain, task) pairs; default {b.unit}")
+    p.add_argument("--target-task", default=None,
+                   help="metabalance: the task the others assist (default: the spec's first task)")
+    p.add_argument("--gradnorm-alpha", type=float, default=None,
+                   help=f"gradnorm: alpha, the pull towards equal training rates; default {b.alpha:g}")
+    p.add_argument("--relax-factor", type=float, default=None,
+                   help=f"metabalance: r in [0, 1], how far auxiliary gradients move to the target's magnitude; "
+                        f"default {b.relax:g}")
+    p.add_argument("--balance-beta", type=float, default=None,
+                   help=f"metabalance: the gradient magnitudes' moving-average decay; default {b.beta:g}")
     p.add_argument("--embedding-optimizer", default=None, choices=EMBEDDING_OPTIMIZERS,
                    help="how the weight optimizer updates embedding tables: row_sparse (Adam on the batch's rows "
                         "only: a step costs the same whatever the vocabulary; moments of absent rows do not "

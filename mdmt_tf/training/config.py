@@ -1,4 +1,4 @@
-"""Training configuration: TrainConfig (and its MAMDRConfig), the one source of the training
+"""Training configuration: TrainConfig (and its MAMDRConfig and BalanceConfig), the one source of the training
 defaults that `mdmt train / compare / tune`, the tuner and the pipeline read."""
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import typing
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.training.options import (
     ARCH_MODES,
+    BALANCE_UNITS,
+    BALANCES,
     DISTRIBUTE,
     EMBEDDING_OPTIMIZERS,
     INNER_OPTIMIZERS,
@@ -40,6 +42,30 @@ class MAMDRConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BalanceConfig:
+    """Loss balancing (mdmt_tf.training.balance): the method, its units and its settings."""
+
+    method: str = "none"        # "none", "uwl", "gradnorm", "metabalance"
+    unit: str = "task"          # balance the tasks' losses, or the (domain, task) pairs' ("pair")
+    target_task: str = ""       # metabalance: the task the others assist (default: the first)
+    alpha: float = 1.5          # gradnorm: the restoring force's strength (the paper's default)
+    relax: float = 0.7          # metabalance: r, how far auxiliary gradients move to the target's magnitude
+    beta: float = 0.9           # metabalance: the moving averages' decay
+
+    def __post_init__(self):
+        checks = [
+            (self.method in BALANCES, f"loss balance must be one of {list(BALANCES)}, got {self.method!r}"),
+            (self.unit in BALANCE_UNITS, f"balance unit must be one of {list(BALANCE_UNITS)}, got {self.unit!r}"),
+            (self.alpha >= 0, f"GradNorm alpha must be >= 0, got {self.alpha}"),
+            (0 <= self.relax <= 1, f"MetaBalance relax factor must be in [0, 1], got {self.relax}"),
+            (0 <= self.beta < 1, f"MetaBalance beta must be in [0, 1), got {self.beta}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 20
     batch_size: int = 2048
@@ -65,6 +91,7 @@ class TrainConfig:
     embedding_optimizer: str = "auto"
     # the streaming input's shuffle buffer, in records; 0: no shuffling (in memory too: rows in file order)
     shuffle_buffer: int = 100_000
+    balance: BalanceConfig = BalanceConfig()
 
     def __post_init__(self):
         checks = [
@@ -93,6 +120,11 @@ class TrainConfig:
             (self.distribute in DISTRIBUTE, f"distribute must be one of {list(DISTRIBUTE)}, got {self.distribute!r}"),
             (self.distribute == "none" or self.strategy == "plain",
              "MAMDR strategies (dn, dr, mamdr) run on one worker; use --strategy plain with a distribution strategy"),
+            (self.balance.method == "none" or self.strategy == "plain",
+             f"--loss-balance applies to --strategy plain (MAMDR's {self.strategy!r} steps sum the losses)"),
+            (self.balance.method in ("none", "uwl") or self.distribute == "none",
+             f"--loss-balance {self.balance.method} balances one replica's per-unit gradients: it runs without "
+             "--strategy-distribute (uwl runs with one)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -125,6 +157,7 @@ class TrainConfig:
         data = _typed(cls, dict(data), "train")
         data["task_weights"] = tuple(sorted((data.get("task_weights") or {}).items()))
         data["mamdr"] = MAMDRConfig(**_typed(MAMDRConfig, dict(data.get("mamdr") or {}), "train.mamdr"))
+        data["balance"] = BalanceConfig(**_typed(BalanceConfig, dict(data.get("balance") or {}), "train.balance"))
         return cls(**data)
 
 

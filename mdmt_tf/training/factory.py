@@ -14,6 +14,7 @@ import tensorflow as tf
 from mdmt_tf.data.dataset import make_dataset
 from mdmt_tf.data.stream import StreamedSplits
 from mdmt_tf.errors import ConfigError
+from mdmt_tf.training.balance import make_balance
 from mdmt_tf.training.config import TrainConfig
 from mdmt_tf.training.encoded import EncodedData, SplitData, take
 from mdmt_tf.training.mamdr import MAMDRTrainer
@@ -87,6 +88,10 @@ def _plain_trainer(model, enc: SplitData, c: TrainConfig, seed: int, *, learning
                           steps_per_epoch=steps or int(np.ceil(train_rows / c.batch_size)),
                           task_weights=dict(c.task_weights), loss_reduction=c.loss_reduction,
                           jit_compile=c.jit_compile, checkpoint_heldout=not isinstance(enc, StreamedSplits),
+                          balance=make_balance(c.balance.method, model.schema.domains, model.schema.tasks,
+                                               unit=c.balance.unit, target_task=c.balance.target_task,
+                                               alpha=c.balance.alpha, relax=c.balance.relax, beta=c.balance.beta,
+                                               learning_rate=lr),
                           weight_optimizer=weight_optimizer(c.embedding_optimizer, lr, model.embedding_rows()))
     return trainer, train, steps
 

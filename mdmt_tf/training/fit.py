@@ -204,10 +204,20 @@ class Run:
         trained = Trained(model=evaluated, serving=serving, exported=exported, state=stopper.state,
                           best_epoch=best_epoch, trajectory=trajectory.points, train_seconds=timer.seconds,
                           train_examples=timer.examples, steps=steps,
-                          replicas=self.strategy.num_replicas_in_sync if self.strategy is not None else 1)
+                          replicas=self.strategy.num_replicas_in_sync if self.strategy is not None else 1,
+                          balance=_balance_report(trainer))
         info = RunInfo(self.model_config, c, out, self.model_dir, source=self.source, export=self.export,
                        plots=self.plots, save_predictions=self.save_predictions)
         return finish(trained, enc, info)
+
+
+def _balance_report(trainer) -> dict | None:
+    """The loss balancing's units and their weights at the end of training (None without)."""
+    balance = getattr(trainer, "balance", None)
+    if balance is None:
+        return None
+    return {"method": type(balance).__name__, "unit": balance.unit, "units": balance.units,
+            "weights": balance.weights_now()}
 
 
 def train(model_config: ModelConfig, data: "MDMTData | EncodedData", config: TrainConfig, out_dir,

@@ -12,6 +12,8 @@ PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 SERVING_PRECISIONS = ("float32", "bfloat16")
 DISTRIBUTE = ("none", "mirrored", "multiworker")
 EMBEDDING_OPTIMIZERS = ("auto", "adam", "row_sparse")
+BALANCES = ("none", "uwl", "gradnorm", "metabalance")  # loss balancing (mdmt_tf.training.balance)
+BALANCE_UNITS = ("task", "pair")
 AUTO_ROWS = 100_000  # "auto": row_sparse from this many embedding table rows (mdmt bench scale)
 
 # MAMDR

@@ -30,6 +30,7 @@ class Trained:
     train_examples: float
     steps: dict             # the trainer's steps_taken()
     replicas: int
+    balance: dict | None = None  # loss balancing: {method, unit, units, weights} at the end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ def finish(trained: Trained, enc: SplitData, run: RunInfo) -> dict:
         "train_examples_per_second": trained.train_examples / seconds if seconds else None,
         "epochs_trained": state["epoch"], "best_epoch": trained.best_epoch, "stopped_early": state.get("stopped_early"),
         "steps": trained.steps, "serving": served, "replicas": trained.replicas,
+        **({"balance": trained.balance} if trained.balance is not None else {}),
         "history": state["history"], "config": c.to_dict(),
         "model_config": {"name": run.model_config.name, "params": run.model_config.resolved_params()},
         "data": {"source": run.source, "rows": {s: enc.rows(s) for s in ("train", "val", "test")},

@@ -41,7 +41,7 @@ from keras import ops
 from mdmt_tf.compat import NoSymbolicBuild, in_multi_worker_mode
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models.base import MDMTModel
-from mdmt_tf.training.losses import bce, mdmt_loss
+from mdmt_tf.training.losses import bce, mdmt_loss, unit_losses
 from mdmt_tf.training.options import ARCH_MODES
 
 
@@ -88,7 +88,7 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
                  arch_learning_rate: float = 3e-3, arch_period: int = 1, heldout=None,
                  steps_per_epoch: int | None = None, task_weights: dict | None = None,
                  loss_reduction: str = "pair", jit_compile: bool = False, weight_optimizer=None,
-                 arch_optimizer=None, checkpoint_heldout: bool = True, **kwargs):
+                 arch_optimizer=None, checkpoint_heldout: bool = True, balance=None, **kwargs):
         super().__init__(name=kwargs.pop("name", "trainer"), **kwargs)
         if arch_mode not in ARCH_MODES:
             raise ConfigError(f"arch_mode must be one of {list(ARCH_MODES)}, got {arch_mode!r}")
@@ -102,6 +102,14 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         self.arch_period = int(arch_period)
         self.task_weights = dict(task_weights or {})
         self.loss_reduction = loss_reduction
+        # loss balancing (mdmt_tf.training.balance): None sums the losses
+        self.balance = balance
+        if balance is not None:
+            if balance.per_unit_gradients and tf.distribute.has_strategy():
+                raise ConfigError(f"loss balancing {type(balance).__name__} takes per-unit gradients in one replica: "
+                                  "train it without a distribution strategy")
+            if not hasattr(balance, "build_for"):
+                balance.build()
         self.searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
         if tf.distribute.has_strategy() and self.searching and (arch_mode == "authors" or arch_period > 1):
             raise ConfigError("under a distribution strategy the architecture step runs every step: use "
@@ -111,6 +119,8 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
             raise ConfigError("arch_mode 'authors' needs steps_per_epoch (one architecture step per epoch)")
         self.steps_per_epoch = int(steps_per_epoch or 0)
 
+        if balance is not None and hasattr(balance, "build_for"):
+            balance.build_for(len(self.weight_vars))
         self.weight_optimizer = weight_optimizer or keras.optimizers.Adam(learning_rate, name="weight_optimizer")
         self.weight_optimizer.build(self.weight_vars)
         self.arch_optimizer = arch_optimizer or keras.optimizers.Adam(arch_learning_rate, name="arch_optimizer")
@@ -155,9 +165,10 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
     def weight_vars(self) -> list:
         """What the weight optimizer updates: architecture variables excluded in bilevel /
         fixed mode, included in joint / authors mode."""
+        own = self.balance.trainable_variables if self.balance is not None else []
         if self.arch_mode in ("bilevel", "fixed"):
-            return self.net.weight_variables
-        return self.net.trainable_variables
+            return self.net.weight_variables + own
+        return self.net.trainable_variables + own
 
     # ------------------------------------------------------------------ Keras API
     def call(self, features, training=None):
@@ -176,17 +187,36 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         probs = self.net(features, training=training)
         loss = mdmt_loss(labels, probs, features[self.net.schema.domain], self.net.schema.num_domains,
                          self.net.schema.tasks, self.task_weights, self.loss_reduction)
-        regularisation = (ops.sum(ops.stack([ops.cast(term, "float32") for term in self.net.losses]))
-                          if self.net.losses else 0.0)
-        return loss + regularisation, loss
+        return loss + self._regularisation(), loss
+
+    def _regularisation(self):
+        return (ops.sum(ops.stack([ops.cast(term, "float32") for term in self.net.losses]))
+                if self.net.losses else 0.0)
 
     def _weight_step_impl(self, features, labels):
+        if self.balance is not None:
+            return self._balanced_weight_step(features, labels)
         with tf.GradientTape() as tape:
             total, loss = self.loss_of(features, labels)
             scaled = total / replicas_in_sync()
         grads = tape.gradient(scaled, self.weight_vars)
         self.weight_optimizer.apply(grads, self.weight_vars)
         return loss
+
+    def _balanced_weight_step(self, features, labels):
+        """The weight step under loss balancing: the units' losses combined, or their
+        gradients balanced, by self.balance (mdmt_tf.training.balance); returns the plain loss."""
+        schema = self.net.schema
+        with tf.GradientTape(persistent=self.balance.per_unit_gradients) as tape:
+            probs = self.net(features, training=True)
+            losses = unit_losses(labels, probs, features[schema.domain], schema.num_domains, schema.tasks,
+                                 self.task_weights, self.loss_reduction, unit=self.balance.unit)
+            regularisation = self._regularisation()
+            total = (self.balance.combine(losses) + regularisation) / replicas_in_sync()
+        grads = self.balance.gradients(tape, losses, regularisation, total, self.weight_vars)
+        del tape
+        self.weight_optimizer.apply(grads, self.weight_vars)
+        return sum(losses[1:], losses[0])
 
     def arch_loss_of(self, features, labels):
         """(loss to differentiate, loss to report) of an architecture step: the training loss,

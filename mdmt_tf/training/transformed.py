@@ -270,6 +270,8 @@ def train_from_artifacts(*, train_files, eval_files, transform_output_dir: str, 
 
         params, train_overrides = split_values(tuned_values)
         model_config = ModelConfig(model_config.name, {**model_config.params, **params})
+        if "balance" in train_overrides:  # the searched method, with the configured balance settings
+            train_overrides["balance"] = {**(train.get("balance") or {}), **train_overrides["balance"]}
         train = {**train, **train_overrides}
     config = TrainConfig.from_dict(train)
     # a TFJob worker's MultiWorkerMirrored strategy exists before the row count's TF ops

@@ -12,11 +12,13 @@ epoch is only a worse epoch.
 
 Hyper-parameter names are the models' own (num_shared_experts, expert_units...), widths
 lists written "256,64"; training ones are prefixed "train." (train.learning_rate,
-train.arch_learning_rate, train.arch_mode). `split_values` turns a tuner's values back into
+train.arch_learning_rate, train.arch_mode, train.loss_balance: the loss balancing method,
+searched with --strategy plain). `split_values` turns a tuner's values back into
 (model params, training settings), the shape `mdmt train --hparams` reads.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -112,11 +114,26 @@ SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, 
           "mmoe": _mmoe, "ple": _ple, "star": _star, "pepnet": _pepnet, "esmm": _esmm}
 
 
-def _declare_training(hp, has_architecture: bool) -> None:
+def _declare_training(hp, has_architecture: bool, balances: Sequence[str] = ()) -> None:
     hp.Float(TRAIN_PREFIX + "learning_rate", 3e-4, 1e-2, sampling="log")
     if has_architecture:
         hp.Float(TRAIN_PREFIX + "arch_learning_rate", 1e-4, 3e-2, sampling="log")
         hp.Choice(TRAIN_PREFIX + "arch_mode", ["bilevel", "joint", "fixed"])
+    if len(balances) > 1:
+        hp.Choice(TRAIN_PREFIX + "loss_balance", list(balances))
+
+
+def searchable_balances(train_config) -> tuple[str, ...]:
+    """The loss balancing methods a search may try under `train_config`: every one with
+    --strategy plain (gradnorm and metabalance only without a distribution strategy), none
+    with MAMDR's strategies (which refuse balancing)."""
+    from mdmt_tf.training.options import BALANCES
+
+    if train_config.strategy != "plain":
+        return ()
+    if train_config.distribute != "none":
+        return ("none", "uwl")
+    return BALANCES
 
 
 def split_values(values: dict) -> tuple[dict, dict]:
@@ -126,7 +143,9 @@ def split_values(values: dict) -> tuple[dict, dict]:
     for name, value in values.items():
         if name.startswith(SCHEDULE_PREFIX):
             continue
-        if name.startswith(TRAIN_PREFIX):
+        if name == TRAIN_PREFIX + "loss_balance":  # TrainConfig's balance.method
+            train["balance"] = {"method": value}
+        elif name.startswith(TRAIN_PREFIX):
             train[name[len(TRAIN_PREFIX):]] = value
         elif name in UNIT_KEYS and isinstance(value, str):
             model[name] = [int(u) for u in value.split(",") if u]
@@ -155,9 +174,10 @@ class MDMTHyperModel(kt.HyperModel):
         self.fixed, self.verbose = dict(fixed or {}), verbose
         probe = build_model(ModelConfig(model_name, {}), encoded.schema)
         self.has_architecture = bool(probe.architecture_variables)
+        self.balances = searchable_balances(train_config)
         space = kt.HyperParameters()  # the free space, without the pinned values
         SPACES[model_name](space)
-        _declare_training(space, self.has_architecture)
+        _declare_training(space, self.has_architecture, self.balances)
         unknown = sorted(set(self.fixed) - set(space.values))
         if unknown:
             raise ConfigError(f"cannot fix {unknown}: not in the {model_name} search space "
@@ -170,7 +190,7 @@ class MDMTHyperModel(kt.HyperModel):
         for name, value in self.fixed.items():
             hp.Fixed(name, value)
         SPACES[self.model_name](hp)
-        _declare_training(hp, self.has_architecture)
+        _declare_training(hp, self.has_architecture, self.balances)
 
     def config_for(self, values: dict) -> tuple[ModelConfig, dict]:
         params, train = split_values(values)
@@ -183,6 +203,8 @@ class MDMTHyperModel(kt.HyperModel):
         self.declare(hp)
         model_config, train = self.config_for(hp.values)
         c, enc = self.train_config, self.encoded
+        if "balance" in train:  # the trial's loss balancing, with the run's other balance settings
+            c = dataclasses.replace(c, balance=dataclasses.replace(c.balance, **train["balance"]))
         keras.utils.set_random_seed(c.seed)  # as `mdmt train --seed`: a trial is reproducible from its values
         model = build_model(model_config, enc.schema, dtype=resolve_precision(c.precision))
         # the trainer `mdmt train` builds (held-out architecture batches included), with the trial's values;

@@ -1,5 +1,7 @@
 """An M3oE trial trains with the library trainer's bi-level train_step: architecture steps
 run on held-out batches and move alpha / beta away from their initial value."""
+import dataclasses
+
 import numpy as np
 
 from mdmt_tf.training.trainer import MDMTTrainer
@@ -13,7 +15,7 @@ FIXED = {"embedding_dim": 4, "expert_units": "16,8", "tower_units": "8", "num_sh
 
 def test_m3oe_trial_runs_the_bilevel_train_step(tuning_data, tmp_path):
     _, encoded = tuning_data
-    config = CONFIG.__class__(**{**CONFIG.to_dict(), "epochs": 1, "task_weights": (), "mamdr": CONFIG.mamdr})
+    config = dataclasses.replace(CONFIG, epochs=1)
     out = tmp_path / "search"
     best = run_search("m3oe", encoded, config, out, max_trials=1, fixed=FIXED)
     assert best["train"]["arch_mode"] == "bilevel" and best["train"]["epochs"] == 1

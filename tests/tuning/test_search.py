@@ -1,4 +1,5 @@
 import csv
+import dataclasses
 import json
 import os
 import socket
@@ -33,7 +34,7 @@ def test_search_space_errors(tuning_data):
     with pytest.raises(ConfigError, match="not in the mmoe search space"):
         MDMTHyperModel("mmoe", encoded, CONFIG, fixed={"num_shared_experts": 4})
     every = {"embedding_dim": 8, "embedding_l2": 0.0, "oov_rate": 0.0, "num_experts": 2, "expert_units": "128,32",
-             "tower_units": "32", "train.learning_rate": 0.001}
+             "tower_units": "32", "train.learning_rate": 0.001, "train.loss_balance": "none"}
     with pytest.raises(ConfigError, match="search space is empty"):
         MDMTHyperModel("mmoe", encoded, CONFIG, fixed=every)
     with pytest.raises(ConfigError, match="never logged; logged: \\['loss'\\]"):
@@ -51,8 +52,8 @@ def test_random_search_best_reproduces_with_mdmt_train(tuning_data, tmp_path):
     assert (tmp_path / "search" / "objective.png").stat().st_size > 5000
 
     # retrain from the file, as `mdmt train --hparams` does
-    config = CONFIG.__class__(**{**CONFIG.to_dict(), "task_weights": (), "mamdr": CONFIG.mamdr,
-                                 "learning_rate": saved["train"]["learning_rate"]})
+    config = dataclasses.replace(CONFIG, learning_rate=saved["train"]["learning_rate"],
+                                 balance=dataclasses.replace(CONFIG.balance, **saved["train"].get("balance", {})))
     payload = train(ModelConfig(saved["name"], saved["params"]), data, config, tmp_path / "retrain", verbose=0,
                     export=False, plots=False)
     assert payload["val"]["mean_auc"] == pytest.approx(saved["objective"]["value"], abs=0.01)

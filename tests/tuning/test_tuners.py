@@ -1,6 +1,7 @@
 """The three tuners (random, bayesian, hyperband), the trial budget of each, and a search
 whose every trial fails."""
 import csv
+import dataclasses
 
 import pytest
 import yaml
@@ -49,7 +50,7 @@ def test_hyperband_max_trials_caps_the_schedule_and_continues_trials(tuning_data
     """--epochs 3: a schedule of 6 trials (3 x 1 epoch, the best continued to 3 epochs, 2 x 3
     epochs); --max-trials 4 stops it after the first successive-halving step."""
     _, encoded = tuning_data
-    config = CONFIG.__class__(**{**CONFIG.to_dict(), "epochs": 3, "task_weights": (), "mamdr": CONFIG.mamdr})
+    config = dataclasses.replace(CONFIG, epochs=3)
     best = run_search("mmoe", encoded, config, tmp_path / "hb", kind="hyperband", max_trials=4, fixed=TINY)
     rows = _rows(tmp_path / "hb")
     assert len(rows) == 4 < hyperband_schedule(3) and all(r["status"] == "COMPLETED" for r in rows)
