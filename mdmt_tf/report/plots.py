@@ -135,6 +135,26 @@ def gate_nu(scalings: dict, domain: np.ndarray, domains, tasks, path: Path) -> P
     return _save(fig, path)
 
 
+def balance_weights(report: dict, path: Path) -> Path | None:
+    """Each unit's loss-balancing weight per epoch (metrics.json's "balance": units and
+    trajectory points {"epoch", "weights"})."""
+    points = report.get("trajectory") or []
+    if not points:
+        return None
+    epochs = [p["epoch"] for p in points]
+    values = np.array([p["weights"] for p in points], dtype=float)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, unit in enumerate(report["units"]):
+        ax.plot(epochs, values[:, i], marker="o", markersize=3, label=unit)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("weight")
+    meaning = {"UncertaintyWeighting": "exp(-s), s the learned log-variance", "GradNorm": "w (sums to the units)",
+               "MetaBalance": "mean m_target / m_unit over shared weights"}.get(report["method"], "")
+    ax.set_title(f"loss balancing ({report['method']}): {meaning}")
+    ax.legend(fontsize=8, ncol=2)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -84,6 +84,23 @@ class ArchitectureTrajectory(keras.callbacks.Callback):
             self._record()
 
 
+class BalanceTrajectory(keras.callbacks.Callback):
+    """Records each unit's loss-balancing weight (LossBalance.weights_now) at the start and at
+    every epoch end: points {"epoch", "weights": [per unit]}."""
+
+    def __init__(self, balance):
+        super().__init__()
+        self.balance = balance
+        self.points: list[dict] = []
+
+    def on_train_begin(self, logs=None):
+        if not self.points:
+            self.points.append({"epoch": 0, "weights": self.balance.weights_now()})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.points.append({"epoch": epoch + 1, "weights": self.balance.weights_now()})
+
+
 class ResumableEarlyStopping(keras.callbacks.Callback):
     """Early stopping on a monitored value (max) with best-weights restore, plus the
     per-epoch checkpoint that lets an interrupted run resume.

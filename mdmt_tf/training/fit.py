@@ -29,7 +29,12 @@ from mdmt_tf.errors import ConfigError
 from mdmt_tf.files import read_json, write_json
 from mdmt_tf.log import LOG
 from mdmt_tf.models import ModelConfig, build_model
-from mdmt_tf.training.callbacks import ArchitectureTrajectory, ResumableEarlyStopping, ValidationMetrics
+from mdmt_tf.training.callbacks import (
+    ArchitectureTrajectory,
+    BalanceTrajectory,
+    ResumableEarlyStopping,
+    ValidationMetrics,
+)
 from mdmt_tf.training.config import TrainConfig
 from mdmt_tf.training.encoded import EncodedData, SplitData
 from mdmt_tf.training.factory import make_trainer
@@ -168,18 +173,22 @@ class Run:
             trainer.compile()
         validation = ValidationMetrics.of(trainer.serving_model(), enc, c.eval_batch_size)
         trajectory = ArchitectureTrajectory(model)
+        balanced = BalanceTrajectory(trainer.balance) if getattr(trainer, "balance", None) is not None else None
         timer = _Timer(examples_per_step)
         stopper = ResumableEarlyStopping(
             out / "checkpoints", tf.train.Checkpoint(trainer=trainer), patience=c.patience,
             resume_from=self.resume_dir,
             extra_state=lambda: {"arch_trajectory": trajectory.points, "train_seconds": timer.seconds,
                                  "train_examples": timer.examples,
-                                 "val_auc_per_epoch": [r["auc"] for r in validation.results]})
+                                 "val_auc_per_epoch": [r["auc"] for r in validation.results],
+                                 "balance_trajectory": balanced.points if balanced is not None else []})
         state = stopper.resume()
         start = 0
         if state is not None:
             start = state["epoch"]
             trajectory.points = state.get("arch_trajectory", [])
+            if balanced is not None:
+                balanced.points = state.get("balance_trajectory", [])
             validation.results = [{"auc": a} for a in state.get("val_auc_per_epoch", [])]
             timer.seconds, timer.examples = state.get("train_seconds", 0.0), state.get("train_examples", 0)
             LOG.info("resuming %s after epoch %d (best val_mean_auc %s at epoch %s)", out, start, state["best"],
@@ -187,7 +196,7 @@ class Run:
         if (state or {}).get("stopped_early"):
             LOG.info("%s: early stopping had ended this run; reporting its best weights", out)
         elif start < c.epochs:
-            callbacks = [timer, validation, trajectory, stopper,
+            callbacks = [timer, validation, trajectory, *([balanced] if balanced is not None else []), stopper,
                          keras.callbacks.TensorBoard(log_dir=str(out / "logs"), write_graph=False),
                          *self.extra_callbacks]
             trainer.fit(train_ds, epochs=c.epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
@@ -205,19 +214,20 @@ class Run:
                           best_epoch=best_epoch, trajectory=trajectory.points, train_seconds=timer.seconds,
                           train_examples=timer.examples, steps=steps,
                           replicas=self.strategy.num_replicas_in_sync if self.strategy is not None else 1,
-                          balance=_balance_report(trainer))
+                          balance=_balance_report(trainer, balanced))
         info = RunInfo(self.model_config, c, out, self.model_dir, source=self.source, export=self.export,
                        plots=self.plots, save_predictions=self.save_predictions)
         return finish(trained, enc, info)
 
 
-def _balance_report(trainer) -> dict | None:
-    """The loss balancing's units and their weights at the end of training (None without)."""
+def _balance_report(trainer, trajectory) -> dict | None:
+    """The loss balancing's units, their weights at the best epoch (restored with the model)
+    and after every epoch (None without balancing)."""
     balance = getattr(trainer, "balance", None)
     if balance is None:
         return None
     return {"method": type(balance).__name__, "unit": balance.unit, "units": balance.units,
-            "weights": balance.weights_now()}
+            "weights": balance.weights_now(), "trajectory": trajectory.points if trajectory is not None else []}
 
 
 def train(model_config: ModelConfig, data: "MDMTData | EncodedData", config: TrainConfig, out_dir,

@@ -110,6 +110,8 @@ def write_plots(payload: dict, trained: Trained, enc: SplitData, directory: Path
     if trained.state["history"]:
         plots.training_curves(trained.state["history"], directory / "training_curves.png")
     plots.arch_trajectories(trained.trajectory, directory / "arch_trajectories.png")
+    if trained.balance is not None:
+        plots.balance_weights(trained.balance, directory / "balance_weights.png")
     sample = enc.sample("val")
     details = forward_details(trained.model, sample, batch_size)
     if details is None:

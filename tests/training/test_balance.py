@@ -171,5 +171,7 @@ def test_flags_and_a_run_report_the_balance(tmp_path):
     report = metrics["balance"]
     assert report["method"] == "MetaBalance" and len(report["units"]) == 6 and report["units"][1] == "0/like"
     assert report["weights"][1] == 1.0 and all(w > 0 for w in report["weights"])
+    assert [p["epoch"] for p in report["trajectory"]] == [0, 1] and len(report["trajectory"][1]["weights"]) == 6
+    assert (out / "plots" / "balance_weights.png").stat().st_size > 5000
     names = [n for n, _ in tf.train.list_variables(str(out / "checkpoints" / "last"))]
     assert any("unit_magnitude" in n or "loss_balance" in n for n in names), names[:20]
