@@ -79,31 +79,53 @@ class SharedBottom(MDMTModel):
 # ---------------------------------------------------------------------------- MMoE
 @dataclasses.dataclass(frozen=True)
 class MMoEParams(Params):
+    """gates: "per_task" (MMoE) or "one" softmax gate shared by every task (OMoE, Ma et al.
+      2018's one-gate baseline: the `omoe` model).
+    multi_embedding: an embedding table per expert, each expert reading its own (ME-MMoE,
+      STEM's multi-embedding baseline: the `me_mmoe` model); the gates read the mean of the
+      experts' inputs. Every task's loss still reaches every table through the gates (All
+      Forward All Backward), which is what STEM contrasts with task-specific embeddings."""
+
     num_experts: int = 4
     expert_units: tuple[int, ...] = (256, 64)
     tower_units: tuple[int, ...] = (64,)
+    gates: str = "per_task"
+    multi_embedding: bool = False
     MAY_BE_EMPTY = TOWERS_MAY_BE_EMPTY
+    CHOICES = {"gates": ("per_task", "one")}
 
 
 @register
 class MMoE(MDMTModel):
     """Multi-gate mixture of experts (Ma et al., KDD 2018): shared experts, a softmax gate
-    per task, a tower per task."""
+    per task, a tower per task; OMoE with one gate for all tasks; ME-MMoE with a table per
+    expert (MMoEParams)."""
 
     Params = MMoEParams
     params: MMoEParams
 
     def build_layers(self):
         p = self.params
-        self.embedding = self.make_embedding()
+        if p.multi_embedding:
+            self.expert_embeddings = [self.make_embedding(f"expert_embedding_{i}") for i in range(p.num_experts)]
+        else:
+            self.embedding = self.make_embedding()
         self.experts = ExpertGroup(p.num_experts, p.expert_units, dtype=self.dtype_policy, name="experts")
-        self.gates = SoftmaxGate(p.num_experts, num_gates=self.schema.num_tasks, dtype=self.dtype_policy, name="gates")
+        gates = 1 if p.gates == "one" else self.schema.num_tasks
+        self.gates = SoftmaxGate(p.num_experts, num_gates=gates, dtype=self.dtype_policy, name="gates")
         self.towers = Towers(self.schema.num_tasks, p.tower_units, dtype=self.dtype_policy, name="towers")
 
     def forward(self, features, training=None):
-        x = self.flat_inputs(self.embedding(features, training=training), features)
+        if self.params.multi_embedding:  # expert e reads table e: [B, E, in]; the gates read their mean
+            inputs = ops.stack([self.flat_inputs(table(features, training=training), features)
+                                for table in self.expert_embeddings], axis=1)
+            x = ops.mean(inputs, axis=1)
+        else:
+            inputs = x = self.flat_inputs(self.embedding(features, training=training), features)
         weights = self.gates(x)
-        logits = self.towers(mix(weights, self.experts(x)))
+        if self.params.gates == "one":  # one gate, every task's
+            weights = ops.broadcast_to(weights, (ops.shape(weights)[0], self.schema.num_tasks, weights.shape[-1]))
+        logits = self.towers(mix(weights, self.experts(inputs)))
         return self.probabilities(logits), Details(logits, gates=(Gate("tasks", weights),))
 
 
@@ -115,6 +137,7 @@ class PLEParams(Params):
     num_shared_experts: int = 2
     expert_units: tuple[int, ...] = (256, 64)
     tower_units: tuple[int, ...] = (64,)
+    multi_embedding: bool = False
     MAY_BE_EMPTY = TOWERS_MAY_BE_EMPTY
 
     def validate(self, model):
@@ -125,7 +148,9 @@ class PLEParams(Params):
 
 @register
 class PLE(MDMTModel):
-    """Progressive layered extraction (Tang et al., RecSys 2020): stacked CGC levels."""
+    """Progressive layered extraction (Tang et al., RecSys 2020): stacked CGC levels. With
+    multi_embedding (ME-PLE, STEM's baseline: the `me_ple` model) each task's experts and
+    gate read the task's own embedding table and the shared experts a shared one."""
 
     Params = PLEParams
     params: PLEParams
@@ -133,6 +158,8 @@ class PLE(MDMTModel):
     def build_layers(self):
         p, t = self.params, self.schema.num_tasks
         self.embedding = self.make_embedding()
+        if p.multi_embedding:
+            self.task_tables = [self.make_embedding(f"task_embedding_{i}") for i in range(t)]
         self.levels = [CGC(t, p.num_task_experts, p.num_shared_experts, p.expert_units,
                            last_level=i == p.num_levels - 1, dtype=self.dtype_policy,
                            name=f"cgc_{i}") for i in range(p.num_levels)]
@@ -140,7 +167,11 @@ class PLE(MDMTModel):
 
     def forward(self, features, training=None):
         x = self.flat_inputs(self.embedding(features, training=training), features)
-        task_x = ops.broadcast_to(x[:, None, :], (ops.shape(x)[0], self.schema.num_tasks, x.shape[-1]))
+        if self.params.multi_embedding:  # [B, T, in]: task t's own table
+            task_x = ops.stack([self.flat_inputs(table(features, training=training), features)
+                                for table in self.task_tables], axis=1)
+        else:
+            task_x = ops.broadcast_to(x[:, None, :], (ops.shape(x)[0], self.schema.num_tasks, x.shape[-1]))
         shared_x = x
         for level in self.levels:
             task_x, shared_x, weights = level(task_x, shared_x)

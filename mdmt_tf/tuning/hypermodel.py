@@ -111,7 +111,8 @@ def _esmm(hp) -> None:
 
 # model name -> the function declaring its search space (a read-only table)
 SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, "shared_bottom": _bottom,
-          "mmoe": _mmoe, "ple": _ple, "star": _star, "pepnet": _pepnet, "esmm": _esmm}
+          "mmoe": _mmoe, "omoe": _mmoe, "me_mmoe": _mmoe, "ple": _ple, "me_ple": _ple, "star": _star,
+          "pepnet": _pepnet, "esmm": _esmm}
 
 
 def _declare_training(hp, has_architecture: bool, balances: Sequence[str] = ()) -> None:

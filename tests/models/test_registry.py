@@ -135,9 +135,9 @@ def _expected_explain_shapes(name, model, schema, n):
         shapes[("gates", "all_experts")] = (n, t, p.num_shared_experts + d + t)
     elif name == "stem":
         shapes[("gates", "tasks")] = (n, t, p.num_shared_experts + t * p.num_task_experts)
-    elif name == "mmoe":
+    elif name in ("mmoe", "omoe", "me_mmoe"):  # omoe: its one gate, repeated for every task
         shapes[("gates", "tasks")] = (n, t, p.num_experts)
-    elif name == "ple":
+    elif name in ("ple", "me_ple"):
         shapes[("gates", "tasks")] = (n, t, p.num_task_experts + p.num_shared_experts)
     elif name == "pepnet":
         shapes[("scalings", "epnet")] = (n, n_in)
