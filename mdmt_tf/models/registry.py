@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -18,11 +19,12 @@ import yaml
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.models.baselines import ESMM, PLE, STAR, MMoE, PEPNet, SharedBottom, SingleTaskMLP
+from mdmt_tf.models.cascade import AITM
 from mdmt_tf.models.m3oe import M3oE
 from mdmt_tf.models.schema import FeatureSchema
 from mdmt_tf.models.stem import STEM
 
-MODELS = MappingProxyType({
+MODELS: Mapping[str, tuple[type[MDMTModel], dict[str, Any]]] = MappingProxyType({
     "m3oe": (M3oE, {}),
     "m3oe_aftb": (M3oE, {"gating": "aftb"}),
     "stem": (STEM, {}),
@@ -36,6 +38,7 @@ MODELS = MappingProxyType({
     "star": (STAR, {}),
     "pepnet": (PEPNet, {}),
     "esmm": (ESMM, {}),
+    "aitm": (AITM, {}),
 })
 
 

@@ -109,10 +109,16 @@ def _esmm(hp) -> None:
     _units(hp, "tower_units", ["128,64", "256,128", "64"])
 
 
+def _aitm(hp) -> None:
+    _common(hp)
+    _units(hp, "tower_units", ["128,64,32", "64,32", "256,128,64"])
+    hp.Choice("calibrator_weight", [0.0, 0.3, 0.6, 1.0])
+
+
 # model name -> the function declaring its search space (a read-only table)
 SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, "shared_bottom": _bottom,
           "mmoe": _mmoe, "omoe": _mmoe, "me_mmoe": _mmoe, "ple": _ple, "me_ple": _ple, "star": _star,
-          "pepnet": _pepnet, "esmm": _esmm}
+          "pepnet": _pepnet, "esmm": _esmm, "aitm": _aitm}
 
 
 def _declare_training(hp, has_architecture: bool, balances: Sequence[str] = ()) -> None:

@@ -145,6 +145,8 @@ def _expected_explain_shapes(name, model, schema, n):
             shapes[("scalings", f"ppnet_{i}")] = (n, t, width)
     elif name == "esmm":
         shapes[("extra", "conditional")] = (n, t)
+    elif name == "aitm":
+        shapes[("extra", "transfer_weight")] = (n, t - 1)
     else:
         assert name in ("mlp", "shared_bottom", "star"), f"{name}: add its explain keys here"
     return shapes
