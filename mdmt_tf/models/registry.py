@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
