@@ -171,11 +171,17 @@ def test_two_tfjob_workers_stream_the_artifacts(artifacts, tmp_path):
         workers.append(subprocess.Popen([sys.executable, "-m", "mdmt_tf", "pipeline", "tfjob-worker", "--fn-args",
                                          str(tmp_path / "fn_args.json")], env=env, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True))
+    outputs = []
     for worker in workers:
-        _, stderr = worker.communicate(timeout=600)
+        stdout, stderr = worker.communicate(timeout=600)
         assert worker.returncode == 0, stderr[-3000:]
+        outputs.append(stdout + stderr)
+    # the two training files (1,200 rows each) deal evenly: each worker reads its own, in
+    # batches of 128, for the steps of its 1,200 rows
+    for index, output in enumerate(outputs):
+        assert f"worker {index} reads 1 of the 2 train files" in output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["replicas"] == 2 and metrics["steps"]["weight"] == -(-2400 // 256)
+    assert metrics["replicas"] == 2 and metrics["steps"]["weight"] == 1200 // 128
     assert (tmp_path / "serving" / "saved_model.pb").exists()
     chief = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last"))
     other = tf.train.load_checkpoint(str(tmp_path / "run" / "workers" / "worker-1" / "checkpoints" / "last"))
