@@ -144,9 +144,9 @@ def test_two_tfjob_workers_stream_the_artifacts(artifacts, tmp_path):
     with identical weights, and only the chief exports."""
     import json
     import os
-    import socket
-    import subprocess
     import sys
+
+    from tests.cluster import launch_workers
 
     train, evaluation, transform = artifacts
     payload = {"train_files": train, "eval_files": evaluation, "transform_graph_path": transform,
@@ -158,19 +158,8 @@ def test_two_tfjob_workers_stream_the_artifacts(artifacts, tmp_path):
                                  "train": {"epochs": 1, "batch_size": 256, "precision": "float32",
                                            "distribute": "multiworker"}}}
     (tmp_path / "fn_args.json").write_text(json.dumps(payload))
-    sockets = [socket.socket() for _ in range(2)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    cluster = [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
-    for s in sockets:
-        s.close()
-    workers = []
-    for index in range(2):
-        env = {**os.environ, "PYTHONPATH": os.getcwd(),
-               "TF_CONFIG": json.dumps({"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen([sys.executable, "-m", "mdmt_tf", "pipeline", "tfjob-worker", "--fn-args",
-                                         str(tmp_path / "fn_args.json")], env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True))
+    workers = launch_workers([sys.executable, "-m", "mdmt_tf", "pipeline", "tfjob-worker", "--fn-args",
+                              str(tmp_path / "fn_args.json")], {**os.environ, "PYTHONPATH": os.getcwd()})
     outputs = []
     for worker in workers:
         stdout, stderr = worker.communicate(timeout=600)

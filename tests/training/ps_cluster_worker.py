@@ -13,12 +13,12 @@ OUT_DIR/checkpoint. Exit status 77 (and a message on stderr) when the servers ca
 """
 import json
 import os
-import socket
 import sys
 
 import numpy as np
 
 from mdmt_tf.training.parameter_servers import ShardedModelConfig
+from tests.cluster import free_ports
 
 CONFIG = ShardedModelConfig(vocab=(23, 9), dim=4, dense_features=3, tasks=2, bottom_units=(16,), tower_units=(8,),
                             num_shards=2, learning_rate=0.05, seed=3)
@@ -43,21 +43,11 @@ def dataset_fn(input_context):
     return tf.data.Dataset.from_tensors(batches()[0]).repeat()
 
 
-def _ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def in_process_cluster(num_workers, num_ps):
     """Start the servers (kept alive by the returned list) and the chief's cluster resolver."""
     import tensorflow as tf
 
-    ports = _ports(num_workers + num_ps)
+    ports = free_ports(num_workers + num_ps)
     spec = tf.train.ClusterSpec({"worker": [f"127.0.0.1:{p}" for p in ports[:num_workers]],
                                  "ps": [f"127.0.0.1:{p}" for p in ports[num_workers:]]})
     worker_config = tf.compat.v1.ConfigProto()

@@ -46,6 +46,16 @@ def _shared(grads, path):
     return a is not None and b is not None and bool(np.any((a != 0) & (b != 0)))
 
 
+def _assert_plain_step(model, trainer, features, labels, grads):
+    """One trainer step moves every weight by -LR times the sum of the tasks' gradients."""
+    before = _weights(model)
+    trainer.train_step((features, labels))
+    after = _weights(model)
+    for path, value in before.items():
+        plain = sum(g[path] for g in grads if g[path] is not None)
+        np.testing.assert_allclose(after[path], value - LR * plain, atol=1e-6, err_msg=path)
+
+
 def _weights(model):
     return {v.path: np.array(v.numpy()) for v in model.weight_variables}
 
@@ -72,12 +82,7 @@ def test_uncertainty_weighting_step(enc):
     balance = UncertaintyWeighting(tasks, name="loss_balance")
     model, trainer, features, labels = _setup(enc, balance)
     losses, grads = _per_task(model, features, labels, tasks, enc.schema.num_domains)
-    before = _weights(model)
-    trainer.train_step((features, labels))
-    after = _weights(model)
-    for path, value in before.items():
-        plain = sum(g[path] for g in grads if g[path] is not None)
-        np.testing.assert_allclose(after[path], value - LR * plain, atol=1e-6, err_msg=path)
+    _assert_plain_step(model, trainer, features, labels, grads)
     np.testing.assert_allclose(balance.log_variance.numpy(), [-LR * (0.5 - L) for L in losses], atol=1e-6)
     assert balance.weights_now() == pytest.approx([np.exp(LR * (0.5 - L)) for L in losses], rel=1e-5)
 
@@ -95,12 +100,7 @@ def test_gradnorm_step(enc):
     assert all(grads[1][p] is not None for p in grads[0] if "tower" in p)
     assert any("expert" in p for p in shared) and not any("tower" in p or "gate" in p for p in shared)
     norms = np.array([np.sqrt(sum(float(np.sum(g[p] ** 2)) for p in shared)) for g in grads])
-    before = _weights(model)
-    trainer.train_step((features, labels))
-    after = _weights(model)
-    for path, value in before.items():
-        plain = sum(g[path] for g in grads if g[path] is not None)
-        np.testing.assert_allclose(after[path], value - LR * plain, atol=1e-6, err_msg=path)
+    _assert_plain_step(model, trainer, features, labels, grads)
     expected = 1.0 - LR * np.sign(norms - norms.mean())
     expected = expected * len(tasks) / expected.sum()
     np.testing.assert_allclose(balance.loss_weights.numpy(), expected, atol=1e-5)

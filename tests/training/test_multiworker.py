@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -10,17 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.cluster import launch_workers
+
 pytestmark = pytest.mark.slow
-
-
-def _ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _weights(checkpoint_dir):
@@ -31,18 +22,13 @@ def _weights(checkpoint_dir):
 
 @pytest.mark.parametrize("arch_mode, embedding_optimizer", [("bilevel", "adam"), ("joint", "row_sparse")])
 def test_two_workers_finish_with_identical_weights(tmp_path, arch_mode, embedding_optimizer):
-    cluster = [f"127.0.0.1:{p}" for p in _ports(2)]
     out = tmp_path / "run"
     command = [sys.executable, "-m", "mdmt_tf", "train", "--model", "m3oe", "--data", "synthetic:3000",
                "--out", str(out), "--epochs", "2", "--batch-size", "256", "--strategy-distribute", "multiworker",
                "--precision", "float32", "--arch-mode", arch_mode, "--embedding-optimizer", embedding_optimizer,
                "--param", "bottom_units=[32, 16]", "--param", "expert_units=[16, 8]",
                "--param", "tower_units=[8]", "--param", "embedding_dim=4"]
-    workers = []
-    for index in range(2):
-        env = {**os.environ, "PYTHONPATH": os.getcwd(),
-               "TF_CONFIG": json.dumps({"cluster": {"worker": cluster}, "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    workers = launch_workers(command, {**os.environ, "PYTHONPATH": os.getcwd()})
     results = [w.communicate(timeout=900) for w in workers]
     for worker, (_, stderr) in zip(workers, results):
         assert worker.returncode == 0, stderr[-3000:]
@@ -78,14 +64,8 @@ def test_two_workers_take_the_step_one_device_takes(tmp_path, optimizer):
     single = subprocess.run([sys.executable, script, str(tmp_path / "single"), "single", optimizer], env=env,
                             capture_output=True, text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
-    cluster = [f"127.0.0.1:{p}" for p in _ports(2)]
-    workers = []
-    for index in range(2):
-        worker_env = {**env, "TF_CONFIG": json.dumps({"cluster": {"worker": cluster},
-                                                      "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen([sys.executable, script, str(tmp_path / f"worker{index}"), "multiworker",
-                                         optimizer],
-                                        env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    workers = launch_workers(
+        lambda index: [sys.executable, script, str(tmp_path / f"worker{index}"), "multiworker", optimizer], env)
     for worker in workers:
         _, stderr = worker.communicate(timeout=600)
         assert worker.returncode == 0, stderr[-3000:]
@@ -97,15 +77,6 @@ def test_two_workers_take_the_step_one_device_takes(tmp_path, optimizer):
             np.testing.assert_allclose(two[name], one[name], rtol=0, atol=1e-5, err_msg=name)
     start = np.load(tmp_path / "single.npz")
     assert any("alpha" in name or "beta" in name for name in start.files)  # the search's scalars were compared
-
-
-def _launch(command, cluster, env_base):
-    workers = []
-    for index in range(2):
-        env = {**env_base, "TF_CONFIG": json.dumps({"cluster": {"worker": cluster},
-                                                    "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    return workers
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
@@ -123,7 +94,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
                "--strategy-distribute", "multiworker", "--precision", "float32", "--param", "bottom_units=[32, 16]",
                "--param", "expert_units=[16, 8]", "--param", "tower_units=[8]", "--param", "embedding_dim=4"]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    workers = _launch(command, [f"127.0.0.1:{p}" for p in _ports(2)], env)
+    workers = launch_workers(command, env)
     state = out / "checkpoints" / "state.json"
     deadline = time.time() + 600
     while not (state.exists() and json.loads(state.read_text())["epoch"] >= 1):
@@ -141,7 +112,7 @@ def test_a_killed_worker_restarts_from_the_last_checkpoint(tmp_path):
     # the failed worker's own directory is gone (a pod's ephemeral disk): it resumes from the chief's
     shutil.rmtree(out / "workers")
 
-    workers = _launch(command, [f"127.0.0.1:{p}" for p in _ports(2)], env)
+    workers = launch_workers(command, env)
     for worker in workers:
         stdout, stderr = worker.communicate(timeout=300)
         assert worker.returncode == 0, stderr[-3000:]
@@ -174,7 +145,7 @@ def test_two_workers_stream_shards(tmp_path, shards):
                "--out", str(out), "--epochs", "2", "--batch-size", "256", "--strategy-distribute", "multiworker",
                "--precision", "float32", "--param", "expert_units=[16]", "--param", "tower_units=[8]",
                "--param", "embedding_dim=4"]
-    workers = _launch(command, [f"127.0.0.1:{p}" for p in _ports(2)], {**os.environ, "PYTHONPATH": os.getcwd()})
+    workers = launch_workers(command, {**os.environ, "PYTHONPATH": os.getcwd()})
     results = [w.communicate(timeout=600) for w in workers]
     for worker, (_, stderr) in zip(workers, results):
         assert worker.returncode == 0, stderr[-3000:]
