@@ -1,4 +1,6 @@
-"""Cascade models beyond ESMM: AITM.
+"""Cascade models: ESMM and AITM.
+
+ESMM: see its class doc.
 
 AITM (Xi et al., KDD 2021; seed 002's "cascaded task relationship") models a conversion
 funnel in the spec's task order (e.g. click -> like). Each task t has a tower over the
@@ -25,11 +27,51 @@ import math
 from keras import layers, ops
 
 from mdmt_tf.errors import ConfigError
-from mdmt_tf.layers import ExpertGroup
+from mdmt_tf.layers import ExpertGroup, Towers
 from mdmt_tf.layers._util import register
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.models.details import Details
 from mdmt_tf.models.params import Params
+
+
+@dataclasses.dataclass(frozen=True)
+class ESMMParams(Params):
+    """tower_units: each task tower's hidden layers.
+    allow_unnested: train even if the training labels are not nested (some row positive
+      for task k but not for task k-1, e.g. like=1 with click=0); by default that stops
+      training with an error naming the first such row (mdmt_tf.data.checks). When true,
+      one line on stderr counts those rows, and the outputs are then not the cascade's
+      probabilities."""
+
+    tower_units: tuple[int, ...] = (128, 64)
+    allow_unnested: bool = False
+
+
+@register
+class ESMM(MDMTModel):
+    """Entire space multi-task model (Ma et al., SIGIR 2018) as a cascade over the tasks in
+    spec order: p(task_0) = sigmoid(l_0) and p(task_k) = p(task_{k-1}) * sigmoid(l_k), e.g.
+    p(like) = p(click) * p(like | click). Every output is trained on the entire space.
+    That is a likelihood only for nested labels (every like is a click): training checks
+    them (see ESMMParams.allow_unnested)."""
+
+    Params = ESMMParams
+    params: ESMMParams
+    cascade = True  # outputs chain the tasks in spec order: training needs nested labels
+
+    def build_layers(self):
+        self.embedding = self.make_embedding()
+        self.towers = Towers(self.schema.num_tasks, self.params.tower_units, dtype=self.dtype_policy, name="towers")
+
+    def forward(self, features, training=None):
+        x = self.flat_inputs(self.embedding(features, training=training), features)
+        logits = self.towers(x)
+        conditional = ops.sigmoid(ops.cast(logits, "float32"))  # p(task_k | task_{k-1})
+        outputs, running = {}, None
+        for i, task in enumerate(self.schema.tasks):
+            running = conditional[:, i:i + 1] if running is None else running * conditional[:, i:i + 1]
+            outputs[task] = running
+        return outputs, Details(logits, extra={"conditional": conditional})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,8 @@ import yaml
 
 from mdmt_tf.errors import ConfigError
 from mdmt_tf.models.base import MDMTModel
-from mdmt_tf.models.baselines import ESMM, PLE, STAR, MMoE, PEPNet, SharedBottom, SingleTaskMLP
-from mdmt_tf.models.cascade import AITM
+from mdmt_tf.models.baselines import PLE, STAR, MMoE, PEPNet, SharedBottom, SingleTaskMLP
+from mdmt_tf.models.cascade import AITM, ESMM
 from mdmt_tf.models.m3oe import M3oE
 from mdmt_tf.models.schema import FeatureSchema
 from mdmt_tf.models.stem import STEM
