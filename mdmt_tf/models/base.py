@@ -48,9 +48,20 @@ class MDMTModel(keras.Model):
         """-> ({task: probability [B, 1]}, the pass's Details: logits, gates, scalings)."""
         raise NotImplementedError
 
+    def label_loss(self, features, labels, outputs, details):
+        """A training loss that reads the labels ({task: [B]}), e.g. ESCM²'s counterfactual
+        regulariser; None (the default) for models without one. The trainers pass the labels
+        to training passes (`model(features, training=True, labels=labels)`) and the loss joins
+        the model's losses (`model.losses`) like any regularisation."""
+        return None
+
     # ------------------------------------------------------------------ Keras API
-    def call(self, features, training=None):
-        outputs, _ = self.forward(features, training=training)
+    def call(self, features, training=None, labels=None):
+        outputs, details = self.forward(features, training=training)
+        if training and labels is not None:
+            loss = self.label_loss(features, labels, outputs, details)
+            if loss is not None:
+                self.add_loss(loss)
         return outputs
 
     def get_config(self):

@@ -1,6 +1,6 @@
-"""Cascade models: ESMM and AITM.
+"""Cascade models: ESMM (with ESCM²'s counterfactual regularisers) and AITM.
 
-ESMM: see its class doc.
+ESMM and ESCM²: see the class doc.
 
 AITM (Xi et al., KDD 2021; seed 002's "cascaded task relationship") models a conversion
 funnel in the spec's task order (e.g. click -> like). Each task t has a tower over the
@@ -33,6 +33,8 @@ from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.models.details import Details
 from mdmt_tf.models.params import Params
 
+EPSILON = 1e-7  # as mdmt_tf.training.losses.bce's clip
+
 
 @dataclasses.dataclass(frozen=True)
 class ESMMParams(Params):
@@ -41,10 +43,41 @@ class ESMMParams(Params):
       for task k but not for task k-1, e.g. like=1 with click=0); by default that stops
       training with an error naming the first such row (mdmt_tf.data.checks). When true,
       one line on stderr counts those rows, and the outputs are then not the cascade's
-      probabilities."""
+      probabilities.
+    counterfactual: ESCM²'s regulariser on the conditional towers (the `escm2` model is
+      "dr"): "none" (ESMM), "ips" or "dr" -- see ESMM's doc.
+    counterfactual_weight: its weight lambda_c (0.5, the weight of the authors' released
+      PaddleRec configuration).
+    propensity_clip: the propensity's lower bound (0.05, my choice: the paper clips but the
+      seed text gives no value); 1/clip bounds an inverse-propensity weight (20)."""
 
     tower_units: tuple[int, ...] = (128, 64)
     allow_unnested: bool = False
+    counterfactual: str = "none"
+    counterfactual_weight: float = 0.5
+    propensity_clip: float = 0.05
+    CHOICES = {"counterfactual": ("none", "ips", "dr")}
+
+    def validate(self, model):
+        super().validate(model)
+        if self.counterfactual_weight < 0:
+            raise ConfigError(f"{model}: counterfactual_weight must be >= 0, got {self.counterfactual_weight}")
+        if not 0 < self.propensity_clip <= 1:
+            raise ConfigError(f"{model}: propensity_clip must be in (0, 1], got {self.propensity_clip}")
+
+
+def _domain_means(values, domain, num_domains):
+    """sum_d mean_{i in domain d} values_i (values [B]): how the trainer's default "pair"
+    reduction weighs the domains; a domain absent from the batch adds 0."""
+    onehot = ops.one_hot(ops.cast(domain, "int32"), num_domains, dtype="float32")  # [B, D]
+    counts = ops.maximum(ops.sum(onehot, axis=0), 1.0)
+    return ops.sum(ops.sum(onehot * values[:, None], axis=0) / counts)
+
+
+def _cross_entropy(target, p):
+    """Element-wise cross-entropy of probability p against a (soft) target, p clipped."""
+    p = ops.clip(p, EPSILON, 1.0 - EPSILON)
+    return -(target * ops.log(p) + (1.0 - target) * ops.log(1.0 - p))
 
 
 @register
@@ -53,15 +86,39 @@ class ESMM(MDMTModel):
     spec order: p(task_0) = sigmoid(l_0) and p(task_k) = p(task_{k-1}) * sigmoid(l_k), e.g.
     p(like) = p(click) * p(like | click). Every output is trained on the entire space.
     That is a likelihood only for nested labels (every like is a click): training checks
-    them (see ESMMParams.allow_unnested)."""
+    them (see ESMMParams.allow_unnested).
+
+    ESCM² (Wang et al., SIGIR 2022; counterfactual="ips"|"dr", the `escm2` model with "dr")
+    adds a counterfactual regulariser on each conditional tower c_k = p(task_k | task_{k-1}),
+    k >= 1: the rows exposed to step k are those with y_{k-1} = 1 (o_i), seen with the
+    propensity phat_i = clip(stop_gradient(p(task_{k-1})_i), propensity_clip, 1). With
+    e_i = CE(y_k, c_k):
+
+        IPS:  L_k = mean_i o_i e_i / phat_i
+        DR:   L_k = mean_i [ ehat_i + o_i (e_i - ehat_i) / phat_i ]
+                    + mean_i o_i (stop_gradient(e_i) - ehat'_i)^2 / phat_i
+
+    where an imputation tower per step predicts the conditional label ytil_i; the imputed
+    error ehat_i = CE(stop_gradient(ytil_i), c_k) trains the conditional tower and
+    ehat'_i = CE(ytil_i, stop_gradient(c_k)) the imputation tower (the second term, the
+    doubly robust joint learning's imputation loss). Means are taken within each domain and
+    summed, as the trainer's loss. The regulariser, times counterfactual_weight, joins the
+    model's losses in training passes that receive the labels (MDMTModel.label_loss); the
+    entire-space CTR and CTCVR losses are the trainer's, weighted by --task-weights."""
 
     Params = ESMMParams
     params: ESMMParams
     cascade = True  # outputs chain the tasks in spec order: training needs nested labels
 
     def build_layers(self):
+        t = self.schema.num_tasks
+        if self.params.counterfactual != "none" and t < 2:
+            raise ConfigError(f"{self.name}: counterfactual={self.params.counterfactual!r} regularises the "
+                              f"conditional towers of a funnel of >= 2 tasks; the spec has {t}")
         self.embedding = self.make_embedding()
-        self.towers = Towers(self.schema.num_tasks, self.params.tower_units, dtype=self.dtype_policy, name="towers")
+        self.towers = Towers(t, self.params.tower_units, dtype=self.dtype_policy, name="towers")
+        if self.params.counterfactual == "dr":
+            self.imputation = Towers(t - 1, self.params.tower_units, dtype=self.dtype_policy, name="imputation")
 
     def forward(self, features, training=None):
         x = self.flat_inputs(self.embedding(features, training=training), features)
@@ -71,7 +128,34 @@ class ESMM(MDMTModel):
         for i, task in enumerate(self.schema.tasks):
             running = conditional[:, i:i + 1] if running is None else running * conditional[:, i:i + 1]
             outputs[task] = running
-        return outputs, Details(logits, extra={"conditional": conditional})
+        extra = {"conditional": conditional}
+        if self.params.counterfactual == "dr":  # the imputed conditional labels of steps 1..T-1
+            extra["imputed"] = ops.sigmoid(ops.cast(self.imputation(x), "float32"))
+        return outputs, Details(logits, extra=extra)
+
+    def label_loss(self, features, labels, outputs, details):
+        p = self.params
+        if p.counterfactual == "none" or not p.counterfactual_weight:
+            return None
+        tasks, total = self.schema.tasks, 0.0
+        domain = self.domain_index(features)
+        for k in range(1, len(tasks)):
+            exposed = ops.reshape(ops.cast(labels[tasks[k - 1]], "float32"), (-1,))  # o_i
+            target = ops.reshape(ops.cast(labels[tasks[k]], "float32"), (-1,))
+            propensity = ops.clip(ops.stop_gradient(ops.reshape(outputs[tasks[k - 1]], (-1,))),
+                                  p.propensity_clip, 1.0)
+            c = details.extra["conditional"][:, k]
+            error = _cross_entropy(target, c)
+            if p.counterfactual == "ips":
+                term = exposed * error / propensity
+            else:
+                imputed = details.extra["imputed"][:, k - 1]
+                for_tower = _cross_entropy(ops.stop_gradient(imputed), c)
+                for_imputation = _cross_entropy(imputed, ops.stop_gradient(c))
+                term = (for_tower + exposed * (error - for_tower) / propensity
+                        + exposed * ops.square(ops.stop_gradient(error) - for_imputation) / propensity)
+            total = total + _domain_means(term, domain, self.schema.num_domains)
+        return p.counterfactual_weight * total
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ MODELS: Mapping[str, tuple[type[MDMTModel], dict[str, Any]]] = MappingProxyType(
     "star": (STAR, {}),
     "pepnet": (PEPNet, {}),
     "esmm": (ESMM, {}),
+    "escm2": (ESMM, {"counterfactual": "dr"}),
     "aitm": (AITM, {}),
 })
 

@@ -366,7 +366,7 @@ class MAMDRTrainer(keras.Model):
     def _loss(self, features, labels, values):
         outputs, non_trainable, losses = self.net.stateless_call(
             values, [v.value for v in self.net.non_trainable_variables], features, training=True,
-            return_losses=True)
+            labels=labels, return_losses=True)
         for variable, value in zip(self.net.non_trainable_variables, non_trainable):
             variable.assign(value)
         loss = mdmt_loss(labels, outputs, features[self.net.schema.domain], self.net.schema.num_domains,

@@ -183,8 +183,9 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         super().compile(optimizer=self.weight_optimizer, jit_compile=False, **kwargs)
 
     def loss_of(self, features, labels, training=True):
-        """(loss + regularisation, loss) on one batch."""
-        probs = self.net(features, training=training)
+        """(loss + regularisation, loss) on one batch (a training pass also gives the model
+        the labels, for a loss that reads them: MDMTModel.label_loss)."""
+        probs = self.net(features, training=training, labels=labels if training else None)
         loss = mdmt_loss(labels, probs, features[self.net.schema.domain], self.net.schema.num_domains,
                          self.net.schema.tasks, self.task_weights, self.loss_reduction)
         return loss + self._regularisation(), loss
@@ -208,7 +209,7 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         gradients balanced, by self.balance (mdmt_tf.training.balance); returns the plain loss."""
         schema = self.net.schema
         with tf.GradientTape(persistent=self.balance.per_unit_gradients) as tape:
-            probs = self.net(features, training=True)
+            probs = self.net(features, training=True, labels=labels)
             losses = unit_losses(labels, probs, features[schema.domain], schema.num_domains, schema.tasks,
                                  self.task_weights, self.loss_reduction, unit=self.balance.unit)
             regularisation = self._regularisation()

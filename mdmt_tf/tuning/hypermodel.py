@@ -107,6 +107,15 @@ def _mlp(hp) -> None:
 def _esmm(hp) -> None:
     _common(hp)
     _units(hp, "tower_units", ["128,64", "256,128", "64"])
+    hp.Choice("counterfactual", ["none", "ips", "dr"])  # ESCM²'s regulariser (none = ESMM)
+    hp.Choice("counterfactual_weight", [0.1, 0.5, 1.0])
+
+
+def _escm2(hp) -> None:
+    _common(hp)
+    _units(hp, "tower_units", ["128,64", "256,128", "64"])
+    hp.Choice("counterfactual_weight", [0.1, 0.5, 1.0])
+    hp.Choice("propensity_clip", [0.01, 0.05, 0.1])
 
 
 def _aitm(hp) -> None:
@@ -118,7 +127,7 @@ def _aitm(hp) -> None:
 # model name -> the function declaring its search space (a read-only table)
 SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, "shared_bottom": _bottom,
           "mmoe": _mmoe, "omoe": _mmoe, "me_mmoe": _mmoe, "ple": _ple, "me_ple": _ple, "star": _star,
-          "pepnet": _pepnet, "esmm": _esmm, "aitm": _aitm}
+          "pepnet": _pepnet, "esmm": _esmm, "escm2": _escm2, "aitm": _aitm}
 
 
 def _declare_training(hp, has_architecture: bool, balances: Sequence[str] = ()) -> None:

@@ -143,8 +143,10 @@ def _expected_explain_shapes(name, model, schema, n):
         shapes[("scalings", "epnet")] = (n, n_in)
         for i, width in enumerate((n_in,) + p.tower_units):
             shapes[("scalings", f"ppnet_{i}")] = (n, t, width)
-    elif name == "esmm":
+    elif name in ("esmm", "escm2"):
         shapes[("extra", "conditional")] = (n, t)
+        if name == "escm2":  # the DR imputation tower's conditional labels
+            shapes[("extra", "imputed")] = (n, t - 1)
     elif name == "aitm":
         shapes[("extra", "transfer_weight")] = (n, t - 1)
     else:
@@ -168,7 +170,7 @@ def test_explain_reports_every_model(name, encoded):
         assert np.isfinite(arrays[key]).all(), key
     # the reported logits are the ones the model scores with (ESMM: its conditionals cascade)
     out = model(features)
-    if name != "esmm":
+    if name not in ("esmm", "escm2"):  # cascades: outputs are products of conditionals
         for i, task in enumerate(schema.tasks):
             np.testing.assert_allclose(1 / (1 + np.exp(-details.logits[:, i])), np.asarray(out[task])[:, 0],
                                        rtol=1e-5, atol=1e-6)

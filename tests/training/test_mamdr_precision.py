@@ -28,6 +28,7 @@ SMALL = {
     "star": {"embedding_dim": 4, "star_units": [8, 4], "aux_units": [4]},
     "pepnet": {"embedding_dim": 4, "tower_units": [8], "gate_hidden_units": 8},
     "esmm": {"embedding_dim": 4, "tower_units": [8]},
+    "escm2": {"embedding_dim": 4, "tower_units": [8]},
     "aitm": {"embedding_dim": 4, "tower_units": [8, 4]},
 }
 
