@@ -17,9 +17,12 @@ from typing import Any
 import yaml
 
 from mdmt_tf.errors import ConfigError
+from mdmt_tf.models.adi import ADI
+from mdmt_tf.models.aesm2 import AESM2
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.models.baselines import PLE, STAR, MMoE, PEPNet, SharedBottom, SingleTaskMLP
 from mdmt_tf.models.cascade import AITM, ESMM
+from mdmt_tf.models.m2m import M2M
 from mdmt_tf.models.m3oe import M3oE
 from mdmt_tf.models.schema import FeatureSchema
 from mdmt_tf.models.stem import STEM
@@ -37,6 +40,9 @@ MODELS: Mapping[str, tuple[type[MDMTModel], dict[str, Any]]] = MappingProxyType(
     "me_ple": (PLE, {"multi_embedding": True}),
     "star": (STAR, {}),
     "pepnet": (PEPNet, {}),
+    "adi": (ADI, {}),
+    "aesm2": (AESM2, {}),
+    "m2m": (M2M, {}),
     "esmm": (ESMM, {}),
     "escm2": (ESMM, {"counterfactual": "dr"}),
     "aitm": (AITM, {}),

@@ -32,7 +32,8 @@ from mdmt_tf.training.callbacks import ValidationMetrics
 OBJECTIVE = "val_mean_auc"
 TRAIN_PREFIX = "train."
 SCHEDULE_PREFIX = "tuner/"  # Hyperband's bookkeeping values (tuner/epochs, tuner/trial_id...): not the model's
-UNIT_KEYS = ("expert_units", "tower_units", "bottom_units", "units", "star_units", "aux_units")
+UNIT_KEYS = ("expert_units", "tower_units", "bottom_units", "units", "star_units", "aux_units", "network_units",
+             "forward_units", "scenario_expert_units", "task_expert_units", "scenario_units")
 
 
 def _units(hp, name: str, choices: list[str]) -> str:
@@ -94,6 +95,43 @@ def _pepnet(hp) -> None:
     hp.Choice("gate_hidden_units", [32, 64, 128])
 
 
+def _adi(hp) -> None:
+    _common(hp)
+    hp.Choice("num_shared_networks", [2, 4, 8])
+    _units(hp, "network_units", ["256,128", "128,64", "512,256"])
+    _units(hp, "forward_units", ["64", "128,64"])
+    _units(hp, "tower_units", ["32", "64"])
+    hp.Choice("interest_adaptation", ["se", "domain", "none"])
+    hp.Boolean("dsbn", default=True)
+    hp.Choice("dropout", [0.0, 0.1])
+
+
+def _aesm2(hp) -> None:
+    _common(hp)
+    hp.Choice("num_scenario_experts", [4, 8])
+    hp.Choice("num_task_experts", [4, 8])
+    hp.Choice("num_task_layers", [1, 2])
+    hp.Choice("top_k_specific", [1, 2])
+    hp.Choice("top_k_shared", [1, 2])
+    hp.Choice("noise_std", [0.0, 0.1, 0.5])
+    hp.Choice("specific_loss_weight", [0.0, 0.1, 0.5])
+    hp.Choice("shared_loss_weight", [0.0, 0.1, 0.5])
+    _units(hp, "scenario_expert_units", ["256,128", "128,64", "128"])
+    _units(hp, "task_expert_units", ["64", "32"])
+    _units(hp, "tower_units", ["32", "64"])
+
+
+def _m2m(hp) -> None:
+    _common(hp)
+    hp.Choice("num_experts", [2, 4, 8])
+    _units(hp, "expert_units", ["256,64", "128,64", "64,32"])
+    _units(hp, "scenario_units", ["32", "64,32"])
+    hp.Choice("num_meta_unit_layers", [1, 2, 3])
+    hp.Choice("num_tower_layers", [1, 2, 3])
+    hp.Choice("activation", ["relu", "leaky_relu"])
+    hp.Choice("dropout", [0.0, 0.1])
+
+
 def _bottom(hp) -> None:
     _common(hp)
     _units(hp, "bottom_units", ["256,128", "512,256", "128"])
@@ -127,7 +165,7 @@ def _aitm(hp) -> None:
 # model name -> the function declaring its search space (a read-only table)
 SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, "shared_bottom": _bottom,
           "mmoe": _mmoe, "omoe": _mmoe, "me_mmoe": _mmoe, "ple": _ple, "me_ple": _ple, "star": _star,
-          "pepnet": _pepnet, "esmm": _esmm, "escm2": _escm2, "aitm": _aitm}
+          "pepnet": _pepnet, "adi": _adi, "aesm2": _aesm2, "m2m": _m2m, "esmm": _esmm, "escm2": _escm2, "aitm": _aitm}
 
 
 def _declare_training(hp, has_architecture: bool, balances: Sequence[str] = ()) -> None:

@@ -143,6 +143,21 @@ def _expected_explain_shapes(name, model, schema, n):
         shapes[("scalings", "epnet")] = (n, n_in)
         for i, width in enumerate((n_in,) + p.tower_units):
             shapes[("scalings", f"ppnet_{i}")] = (n, t, width)
+    elif name == "adi":
+        shapes[("gates", "shared")] = (n, 1, p.num_shared_networks)
+        shapes[("extra", "fusion_specific")] = (n, p.network_units[-1])
+        shapes[("extra", "fusion_shared")] = (n, p.network_units[-1])
+        if p.interest_adaptation != "none":
+            shapes[("extra", "interest")] = (n, len(schema.sparse))
+    elif name == "aesm2":  # the mix weights applied and the selection masks, per layer
+        for prefix, count, slots, experts in (("scenario", p.num_scenario_layers, 1, p.num_scenario_experts),
+                                              ("task", p.num_task_layers, t, p.num_task_experts)):
+            for i in range(count):
+                for field, key in (("gates", f"{prefix}_layer_{i}"), ("extra", f"{prefix}_layer_{i}_specific"),
+                                   ("extra", f"{prefix}_layer_{i}_shared")):
+                    shapes[(field, key)] = (n, slots, experts)
+    elif name == "m2m":
+        shapes[("gates", "meta_attention")] = (n, t, p.num_experts)
     elif name in ("esmm", "escm2"):
         shapes[("extra", "conditional")] = (n, t)
         if name == "escm2":  # the DR imputation tower's conditional labels
