@@ -33,7 +33,8 @@ OBJECTIVE = "val_mean_auc"
 TRAIN_PREFIX = "train."
 SCHEDULE_PREFIX = "tuner/"  # Hyperband's bookkeeping values (tuner/epochs, tuner/trial_id...): not the model's
 UNIT_KEYS = ("expert_units", "tower_units", "bottom_units", "units", "star_units", "aux_units", "network_units",
-             "forward_units", "scenario_expert_units", "task_expert_units", "scenario_units")
+             "forward_units", "scenario_expert_units", "task_expert_units", "scenario_units",
+             "shared_units")
 
 
 def _units(hp, name: str, choices: list[str]) -> str:
@@ -132,6 +133,18 @@ def _m2m(hp) -> None:
     hp.Choice("dropout", [0.0, 0.1])
 
 
+def _musenet(hp) -> None:
+    _common(hp)
+    hp.Choice("num_scenarios", [2, 4, 8])
+    _units(hp, "scenario_units", ["64,16", "32,8"])
+    _units(hp, "expert_units", ["256,64", "128,64", "64"])
+    _units(hp, "shared_units", ["256,64", "128,64"])
+    _units(hp, "tower_units", ["64", "32"])
+    hp.Choice("temperature", [0.1, 0.3, 1.0])
+    hp.Choice("gumbel_tau", [0.5, 1.0, 2.0])
+    hp.Choice("prototype_weight", [0.0, 0.1, 1.0])
+
+
 def _bottom(hp) -> None:
     _common(hp)
     _units(hp, "bottom_units", ["256,128", "512,256", "128"])
@@ -165,7 +178,8 @@ def _aitm(hp) -> None:
 # model name -> the function declaring its search space (a read-only table)
 SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, "shared_bottom": _bottom,
           "mmoe": _mmoe, "omoe": _mmoe, "me_mmoe": _mmoe, "ple": _ple, "me_ple": _ple, "star": _star,
-          "pepnet": _pepnet, "adi": _adi, "aesm2": _aesm2, "m2m": _m2m, "esmm": _esmm, "escm2": _escm2, "aitm": _aitm}
+          "pepnet": _pepnet, "adi": _adi, "aesm2": _aesm2, "m2m": _m2m, "musenet": _musenet,
+          "esmm": _esmm, "escm2": _escm2, "aitm": _aitm}
 
 
 def _declare_training(hp, has_architecture: bool, balances: Sequence[str] = ()) -> None:

@@ -158,6 +158,9 @@ def _expected_explain_shapes(name, model, schema, n):
                     shapes[(field, key)] = (n, slots, experts)
     elif name == "m2m":
         shapes[("gates", "meta_attention")] = (n, t, p.num_experts)
+    elif name == "musenet":
+        shapes[("gates", "scenarios")] = (n, 1, p.num_scenarios)
+        shapes[("extra", "scenario_posterior")] = (n, p.num_scenarios)
     elif name in ("esmm", "escm2"):
         shapes[("extra", "conditional")] = (n, t)
         if name == "escm2":  # the DR imputation tower's conditional labels

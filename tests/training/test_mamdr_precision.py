@@ -33,6 +33,8 @@ SMALL = {
               "task_expert_units": [4], "tower_units": [4], "top_k_specific": 1, "top_k_shared": 1},
     "m2m": {"embedding_dim": 4, "num_experts": 2, "expert_units": [8], "scenario_units": [4],
             "num_meta_unit_layers": 1, "num_tower_layers": 1},
+    "musenet": {"embedding_dim": 4, "num_scenarios": 2, "scenario_units": [4], "expert_units": [8],
+                "shared_units": [8], "tower_units": [4]},
     "esmm": {"embedding_dim": 4, "tower_units": [8]},
     "escm2": {"embedding_dim": 4, "tower_units": [8]},
     "aitm": {"embedding_dim": 4, "tower_units": [8, 4]},
