@@ -11,13 +11,48 @@ import dataclasses
 from keras import layers, ops
 
 from mdmt_tf.errors import ConfigError
-from mdmt_tf.layers import CGC, MLP, EPNet, ExpertGroup, PartitionedNorm, PPNetTowers, SoftmaxGate, StarFC, Towers, mix
+from mdmt_tf.layers import (
+    CGC,
+    MLP,
+    DSelectKGate,
+    EPNet,
+    ExpertGroup,
+    PartitionedNorm,
+    PPNetTowers,
+    SoftmaxGate,
+    StarFC,
+    Towers,
+    mix,
+)
 from mdmt_tf.layers._util import register
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.models.details import Details, Gate, Scaling
 from mdmt_tf.models.params import Params
 
 TOWERS_MAY_BE_EMPTY = Params.MAY_BE_EMPTY | {"tower_units"}
+
+# DSelect-k (Hazimeh et al., NeurIPS 2021) as a gate option: its hyper-parameters' defaults.
+# k = 2: the authors' code's example (DSelectKGate(num_nonzeros=2)); gamma = 1.0: their
+# code's default; entropy 1e-3 (ours): their regulariser's default weight is 1e-6 summed over
+# the batch, ~2e-3 per example at batch 2048; ours is averaged over the batch.
+DSELECT_K, DSELECT_GAMMA, DSELECT_ENTROPY = 2, 1.0, 1e-3
+
+
+def check_dselect(model: str, k: int, gamma: float, entropy: float, experts: dict[str, int] | None) -> None:
+    """ConfigError unless the DSelect-k hyper-parameters are valid; `experts` names each gate
+    the option applies to with the number of experts it selects from (None: the option is not
+    used, only the ranges are checked)."""
+    if k < 1:
+        raise ConfigError(f"{model}: dselect_k must be >= 1, got {k}")
+    if not gamma > 0:
+        raise ConfigError(f"{model}: dselect_gamma must be > 0, got {gamma}")
+    if entropy < 0:
+        raise ConfigError(f"{model}: dselect_entropy must be >= 0, got {entropy}")
+    for gate, n in (experts or {}).items():
+        if n < 2:
+            raise ConfigError(f"{model}: DSelect-k gating needs at least 2 experts per gate; {gate} has {n}")
+        if k > n:
+            raise ConfigError(f"{model}: dselect_k={k} exceeds the {n} experts of {gate}; choose 1 <= dselect_k <= {n}")
 
 
 # ------------------------------------------------------------------ single-task MLP
@@ -84,22 +119,34 @@ class MMoEParams(Params):
     multi_embedding: an embedding table per expert, each expert reading its own (ME-MMoE,
       STEM's multi-embedding baseline: the `me_mmoe` model); the gates read the mean of the
       experts' inputs. Every task's loss still reaches every table through the gates (All
-      Forward All Backward), which is what STEM contrasts with task-specific embeddings."""
+      Forward All Backward), which is what STEM contrasts with task-specific embeddings.
+    gating: "softmax" (MMoE's gates) or "dselect_k": DSelect-k gates (Hazimeh et al., NeurIPS
+      2021; layers.DSelectKGate), each mixing at most `dselect_k` experts (<= num_experts),
+      smooth-step width `dselect_gamma`, entropy regulariser weight `dselect_entropy`."""
 
     num_experts: int = 4
     expert_units: tuple[int, ...] = (256, 64)
     tower_units: tuple[int, ...] = (64,)
     gates: str = "per_task"
     multi_embedding: bool = False
+    gating: str = "softmax"
+    dselect_k: int = DSELECT_K
+    dselect_gamma: float = DSELECT_GAMMA
+    dselect_entropy: float = DSELECT_ENTROPY
     MAY_BE_EMPTY = TOWERS_MAY_BE_EMPTY
-    CHOICES = {"gates": ("per_task", "one")}
+    CHOICES = {"gates": ("per_task", "one"), "gating": ("softmax", "dselect_k")}
+
+    def validate(self, model):
+        super().validate(model)
+        check_dselect(model, self.dselect_k, self.dselect_gamma, self.dselect_entropy,
+                      {"each gate": self.num_experts} if self.gating == "dselect_k" else None)
 
 
 @register
 class MMoE(MDMTModel):
     """Multi-gate mixture of experts (Ma et al., KDD 2018): shared experts, a softmax gate
     per task, a tower per task; OMoE with one gate for all tasks; ME-MMoE with a table per
-    expert (MMoEParams)."""
+    expert; DSelect-k gates instead of softmax ones with gating="dselect_k" (MMoEParams)."""
 
     Params = MMoEParams
     params: MMoEParams
@@ -112,7 +159,12 @@ class MMoE(MDMTModel):
             self.embedding = self.make_embedding()
         self.experts = ExpertGroup(p.num_experts, p.expert_units, dtype=self.dtype_policy, name="experts")
         gates = 1 if p.gates == "one" else self.schema.num_tasks
-        self.gates = SoftmaxGate(p.num_experts, num_gates=gates, dtype=self.dtype_policy, name="gates")
+        self.gates: SoftmaxGate | DSelectKGate
+        if p.gating == "dselect_k":
+            self.gates = DSelectKGate(p.num_experts, num_gates=gates, k=p.dselect_k, gamma=p.dselect_gamma,
+                                      entropy_weight=p.dselect_entropy, dtype=self.dtype_policy, name="gates")
+        else:
+            self.gates = SoftmaxGate(p.num_experts, num_gates=gates, dtype=self.dtype_policy, name="gates")
         self.towers = Towers(self.schema.num_tasks, p.tower_units, dtype=self.dtype_policy, name="towers")
 
     def forward(self, features, training=None):
@@ -122,7 +174,7 @@ class MMoE(MDMTModel):
             x = ops.mean(inputs, axis=1)
         else:
             inputs = x = self.flat_inputs(self.embedding(features, training=training), features)
-        weights = self.gates(x)
+        weights = self.gates(x, training=training)
         if self.params.gates == "one":  # one gate, every task's
             weights = ops.broadcast_to(weights, (ops.shape(weights)[0], self.schema.num_tasks, weights.shape[-1]))
         logits = self.towers(mix(weights, self.experts(inputs)))
@@ -138,19 +190,30 @@ class PLEParams(Params):
     expert_units: tuple[int, ...] = (256, 64)
     tower_units: tuple[int, ...] = (64,)
     multi_embedding: bool = False
+    gating: str = "softmax"
+    dselect_k: int = DSELECT_K
+    dselect_gamma: float = DSELECT_GAMMA
+    dselect_entropy: float = DSELECT_ENTROPY
     MAY_BE_EMPTY = TOWERS_MAY_BE_EMPTY
+    CHOICES = {"gating": ("softmax", "dselect_k")}
 
     def validate(self, model):
         super().validate(model)
         if self.num_levels < 2:
             raise ConfigError(f"{model}: PLE needs num_levels >= 2 extraction levels (1 is CGC), got {self.num_levels}")
+        # a task gate selects among its own + the shared experts; the shared gates see more
+        check_dselect(model, self.dselect_k, self.dselect_gamma, self.dselect_entropy,
+                      {"a task gate (num_task_experts + num_shared_experts)":
+                       self.num_task_experts + self.num_shared_experts} if self.gating == "dselect_k" else None)
 
 
 @register
 class PLE(MDMTModel):
     """Progressive layered extraction (Tang et al., RecSys 2020): stacked CGC levels. With
     multi_embedding (ME-PLE, STEM's baseline: the `me_ple` model) each task's experts and
-    gate read the task's own embedding table and the shared experts a shared one."""
+    gate read the task's own embedding table and the shared experts a shared one. With
+    gating="dselect_k" every gate of every level (task and shared) is a DSelect-k gate
+    (PLEParams: dselect_k, dselect_gamma, dselect_entropy as in MMoEParams)."""
 
     Params = PLEParams
     params: PLEParams
@@ -161,7 +224,8 @@ class PLE(MDMTModel):
         if p.multi_embedding:
             self.task_tables = [self.make_embedding(f"task_embedding_{i}") for i in range(t)]
         self.levels = [CGC(t, p.num_task_experts, p.num_shared_experts, p.expert_units,
-                           last_level=i == p.num_levels - 1, dtype=self.dtype_policy,
+                           last_level=i == p.num_levels - 1, gating=p.gating, k=p.dselect_k, gamma=p.dselect_gamma,
+                           entropy_weight=p.dselect_entropy, dtype=self.dtype_policy,
                            name=f"cgc_{i}") for i in range(p.num_levels)]
         self.towers = Towers(t, p.tower_units, dtype=self.dtype_policy, name="towers")
 
@@ -174,7 +238,7 @@ class PLE(MDMTModel):
             task_x = ops.broadcast_to(x[:, None, :], (ops.shape(x)[0], self.schema.num_tasks, x.shape[-1]))
         shared_x = x
         for level in self.levels:
-            task_x, shared_x, weights = level(task_x, shared_x)
+            task_x, shared_x, weights = level(task_x, shared_x, training=training)
         logits = self.towers(task_x)
         return self.probabilities(logits), Details(logits, gates=(Gate("tasks", weights),))
 

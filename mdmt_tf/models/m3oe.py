@@ -33,6 +33,17 @@ task) forward, with stop_gradient on the other tasks' experts there and in the t
 (STEM's All-Forward-Task-specific-Backward), so task t's loss never trains another task's
 experts or embeddings. aftb_domains=True also stops gradients into other domains' experts
 (domain x task AFTB; no published system has it).
+
+shared_gate="dselect_k" (ours): the shared gates (or, with gating="aftb", the per-task gates
+over all experts) are DSelect-k gates (Hazimeh et al., NeurIPS 2021; layers.DSelectKGate),
+each mixing at most `dselect_k` experts, smooth-step width `dselect_gamma`, entropy
+regulariser weight `dselect_entropy` -- the same parameters as MMoE's and PLE's
+gating="dselect_k". It is spelled `shared_gate` here, not `gating`, because M3oE's `gating`
+already chooses which experts a gate mixes and where gradients flow ("softmax": the shared
+experts; "aftb": all experts with STEM's task-specific backward), while `shared_gate` chooses
+how the gate weights are computed ("network": softmax of Dense(bottom); "logits": searched
+architecture variables; "dselect_k"): the two are independent, so DSelect-k combines with
+either gating.
 """
 from __future__ import annotations
 
@@ -46,6 +57,7 @@ from mdmt_tf.layers import (
     MLP,
     Amplitude,
     Balance,
+    DSelectKGate,
     ExpertGroup,
     GateLogits,
     GroupedGlorotUniform,
@@ -57,6 +69,7 @@ from mdmt_tf.layers import (
 )
 from mdmt_tf.layers._util import register, select_by_domain
 from mdmt_tf.models.base import MDMTModel
+from mdmt_tf.models.baselines import DSELECT_ENTROPY, DSELECT_GAMMA, DSELECT_K, check_dselect
 from mdmt_tf.models.details import Details, Gate
 from mdmt_tf.models.params import Params
 
@@ -72,12 +85,16 @@ class M3oEParams(Params):
     arch_init: float = 1.0                      # raw alpha / beta; sigmoid(1) = 0.73
     arch_granularity: str = "scalar"            # "scalar" (authors) or "vector" (per domain / task)
     gate_stop_gradient: bool = True             # shared gates read stop_gradient(bottom)
-    shared_gate: str = "network"                # "network" (softmax of Dense(bottom)) or "logits" (arch vars)
+    shared_gate: str = "network"                # "network" (softmax of Dense(bottom)), "logits" (arch vars)
+                                                # or "dselect_k" (DSelect-k gates on the bottom)
     gating: str = "softmax"                     # "softmax" or "aftb"
     aftb_domains: bool = False                  # with aftb: also stop gradients into other domains' experts
     task_embedding_fields: tuple[str, ...] = ()  # with aftb: fields with task-specific tables; () = all sparse
+    dselect_k: int = DSELECT_K                  # with shared_gate="dselect_k": experts each gate mixes at most
+    dselect_gamma: float = DSELECT_GAMMA        # smooth-step width
+    dselect_entropy: float = DSELECT_ENTROPY    # entropy regulariser weight (training passes)
 
-    CHOICES = {"arch_granularity": ("scalar", "vector"), "shared_gate": ("network", "logits"),
+    CHOICES = {"arch_granularity": ("scalar", "vector"), "shared_gate": ("network", "logits", "dselect_k"),
                "gating": ("softmax", "aftb")}
     MAY_BE_EMPTY = Params.MAY_BE_EMPTY | {"tower_units", "task_embedding_fields"}
 
@@ -88,6 +105,10 @@ class M3oEParams(Params):
                               f"MLP's), e.g. [512, 256]; got {list(self.bottom_units)}")
         if self.aftb_domains and self.gating != "aftb":
             raise ConfigError(f"{model}: aftb_domains=true needs gating='aftb', got gating={self.gating!r}")
+        # with aftb the gates mix num_shared_experts + domains + tasks experts: checked at build
+        on_shared = self.shared_gate == "dselect_k" and self.gating != "aftb"
+        check_dselect(model, self.dselect_k, self.dselect_gamma, self.dselect_entropy,
+                      {"a shared gate (num_shared_experts)": self.num_shared_experts} if on_shared else None)
 
 
 LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default, which the authors' code uses
@@ -122,18 +143,28 @@ class M3oE(MDMTModel):
         else:
             self.expert_slices["task"] = slice(n_s + d, n_s + d + t)
         self.expert_cuts = [part.stop for part in self.expert_slices.values()][:-1]  # where to split
-        self.gates: Any  # one SoftmaxGate over the shared experts, per-task AFTB gates, or GateLogits
+        self.gates: Any  # one Softmax / DSelectK gate over the shared experts, per-task AFTB gates, or GateLogits
         if self.aftb:
             self.make_task_embeddings(p.task_embedding_fields)
             num_experts = p.num_shared_experts + d + t
             if p.shared_gate == "network":
                 self.gates = [SoftmaxGate(num_experts, num_gates=d, dtype=self.dtype_policy,
                                           name=f"aftb_gate_{i}") for i in range(t)]
+            elif p.shared_gate == "dselect_k":
+                check_dselect(self.name, p.dselect_k, p.dselect_gamma, p.dselect_entropy,
+                              {"an AFTB gate (shared + domain + task experts)": num_experts})
+                self.gates = [DSelectKGate(num_experts, num_gates=d, k=p.dselect_k, gamma=p.dselect_gamma,
+                                           entropy_weight=p.dselect_entropy, dtype=self.dtype_policy,
+                                           name=f"aftb_gate_{i}") for i in range(t)]
             else:
                 self.gates = GateLogits(num_experts, num_gates=d * t, dtype=self.dtype_policy, name="aftb_gate_logits")
         elif p.shared_gate == "network":
             self.gates = SoftmaxGate(p.num_shared_experts, num_gates=d * t, stop_gradient_input=p.gate_stop_gradient,
                                      dtype=self.dtype_policy, name="shared_gates")
+        elif p.shared_gate == "dselect_k":
+            self.gates = DSelectKGate(p.num_shared_experts, num_gates=d * t, k=p.dselect_k, gamma=p.dselect_gamma,
+                                      entropy_weight=p.dselect_entropy, stop_gradient_input=p.gate_stop_gradient,
+                                      dtype=self.dtype_policy, name="shared_gates")
         else:
             self.gates = GateLogits(p.num_shared_experts, num_gates=d * t, dtype=self.dtype_policy,
                                     name="shared_gate_logits")
@@ -150,19 +181,25 @@ class M3oE(MDMTModel):
     def _bottom(self, x, domain, training):
         return self.bottom(self.star(x, domain), training=training) + self.skip(x, training=training)
 
-    def _gate_weights(self, gate_input, domain, task_inputs=None):
+    def _gate_weights(self, gate_input, domain, task_inputs=None, training=None):
         """Gate weights of each sample's own domain: [B, T, E]."""
         d, t = self.schema.num_domains, self.schema.num_tasks
         if isinstance(self.gates, GateLogits):
             weights = ops.reshape(self.gates(gate_input), (-1, d, t, self.gates.num_experts))
             return select_by_domain(weights, domain, d)
+        own = ops.one_hot(domain, d, dtype="float32")  # DSelect-k: regularise only the gates a row uses
         if not self.aftb:
-            weights = ops.reshape(self.gates(gate_input), (-1, d, t, self.gates.num_experts))
+            if isinstance(self.gates, DSelectKGate):  # gate (domain, task) is number domain * t + task
+                gates = self.gates(gate_input, training=training, active=ops.repeat(own, t, axis=1))
+            else:
+                gates = self.gates(gate_input, training=training)
+            weights = ops.reshape(gates, (-1, d, t, self.gates.num_experts))
             return select_by_domain(weights, domain, d)
         per_task = []
         for i, gate in enumerate(self.gates):
             inputs = ops.concatenate([gate_input, ops.cast(task_inputs[:, i], gate_input.dtype)], axis=-1)
-            per_task.append(select_by_domain(gate(inputs), domain, d))  # [B, E]
+            weights = gate(inputs, training=training, active=own) if isinstance(gate, DSelectKGate) else gate(inputs)
+            per_task.append(select_by_domain(weights, domain, d))  # [B, E]
         return ops.stack(per_task, axis=1)
 
     def _aftb_keep(self, domain):
@@ -191,12 +228,12 @@ class M3oE(MDMTModel):
         if self.aftb:
             task_inputs = self.task_inputs(embedded, features, training)
             tasks = self.task_experts(task_inputs)  # [B, T, H], expert t on task t's embeddings
-            weights = self._gate_weights(gate_input, domain, task_inputs)
+            weights = self._gate_weights(gate_input, domain, task_inputs, training)
             everything = ops.concatenate([on_bottom, tasks], axis=1)  # shared, domain, task experts
             shared_view = aftb_mix(weights, everything, self._aftb_keep(domain))
         else:
             tasks = groups["task"]
-            weights = self._gate_weights(bottom, domain)  # SoftmaxGate applies the stop_gradient itself
+            weights = self._gate_weights(bottom, domain, training=training)  # the gate applies the stop_gradient
             shared_view = mix(weights, shared)  # [B, T, H]
         domain_view = select_by_domain(self.domain_balance(domains), domain, self.schema.num_domains)
         task_view = self.task_balance(tasks)

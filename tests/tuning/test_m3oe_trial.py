@@ -10,7 +10,8 @@ from mdmt_tf.tuning.search import make_tuner, run_search
 from tests.tuning.conftest import CONFIG
 
 FIXED = {"embedding_dim": 4, "expert_units": "16,8", "tower_units": "8", "num_shared_experts": 2,
-         "gating": "softmax", "arch_granularity": "vector", "train.arch_mode": "bilevel"}
+         "gating": "softmax", "shared_gate": "network", "dselect_k": 1, "dselect_entropy": 0.0,
+         "arch_granularity": "vector", "train.arch_mode": "bilevel"}
 
 
 def test_m3oe_trial_runs_the_bilevel_train_step(tuning_data, tmp_path):

@@ -11,7 +11,8 @@ from mdmt_tf.errors import ConfigError
 from mdmt_tf.tuning.search import run_search
 from tests.tuning.conftest import CONFIG
 
-TINY = {"embedding_dim": 4, "expert_units": "16,8", "tower_units": "8", "train.loss_balance": "none"}
+TINY = {"embedding_dim": 4, "expert_units": "16,8", "tower_units": "8", "gating": "softmax", "dselect_k": 1,
+        "dselect_entropy": 0.0, "train.loss_balance": "none"}
 ONE_EPOCH = dataclasses.replace(CONFIG, epochs=1)
 
 

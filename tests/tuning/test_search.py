@@ -34,7 +34,8 @@ def test_search_space_errors(tuning_data):
     with pytest.raises(ConfigError, match="not in the mmoe search space"):
         MDMTHyperModel("mmoe", encoded, CONFIG, fixed={"num_shared_experts": 4})
     every = {"embedding_dim": 8, "embedding_l2": 0.0, "oov_rate": 0.0, "num_experts": 2, "expert_units": "128,32",
-             "tower_units": "32", "train.learning_rate": 0.001, "train.loss_balance": "none"}
+             "tower_units": "32", "gating": "softmax", "dselect_k": 1, "dselect_entropy": 0.0,
+             "train.learning_rate": 0.001, "train.loss_balance": "none"}
     with pytest.raises(ConfigError, match="search space is empty"):
         MDMTHyperModel("mmoe", encoded, CONFIG, fixed=every)
     with pytest.raises(ConfigError, match="never logged; logged: \\['loss'\\]"):
