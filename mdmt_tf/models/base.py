@@ -14,6 +14,14 @@ mdmt_tf.models.details) for reports.
 Architecture variables (M3oE's alpha, beta, gate logits) are those listed by a layer's
 `architecture_weights`; `weight_variables` are all other trainable variables. The
 bi-level trainer optimises the two sets with separate optimizers.
+
+Training stages: a model trained in several stages (MTMS: its embeddings, then its network
+with the embeddings frozen) names them in `stages` and says which stage an epoch belongs to
+(`stage_of_epoch`) and which variables the weight optimizer updates in each
+(`trainable_in_stage`). Its current stage is a non-trainable int variable (`stage_variable`),
+so checkpoints and .keras files keep it and a reloaded model serves in its stage; the
+trainer (mdmt_tf.training.trainer) moves it forward at epoch boundaries. A model with one
+stage (every other model) has no such variable.
 """
 from __future__ import annotations
 
@@ -32,11 +40,15 @@ from mdmt_tf.models.schema import FeatureSchema
 
 class MDMTModel(keras.Model):
     Params = Params
+    stages: tuple[str, ...] = ("train",)  # the training stages' names, in order (see the module doc)
 
     def __init__(self, schema, params=None, **kwargs):
         super().__init__(**kwargs)
         self.schema = FeatureSchema.coerce(schema)
         self.params = self.Params.coerce(params, model=self.name)
+        if len(self.stages) > 1:  # the current stage's index, saved with the weights
+            self.stage_variable = keras.Variable(0, dtype="int32", trainable=False, name="stage",
+                                                 aggregation="only_first_replica")
         self.build_layers()
         self(self.schema.dummy_batch(), training=False)  # create every variable now
 
@@ -54,6 +66,29 @@ class MDMTModel(keras.Model):
         to training passes (`model(features, training=True, labels=labels)`) and the loss joins
         the model's losses (`model.losses`) like any regularisation."""
         return None
+
+    # ------------------------------------------------------------ training stages
+    def stage_of_epoch(self, epoch: int) -> int:
+        """The stage (an index into `stages`) the 0-based `epoch` trains in."""
+        return 0
+
+    def trainable_in_stage(self, stage: int) -> list:
+        """The variables the weight optimizer may update in `stage` (the trainer intersects them
+        with its own weight variables); every trainable variable by default."""
+        return list(self.trainable_variables)
+
+    @property
+    def stage(self) -> int:
+        """The current stage's index (0 for a model with one stage)."""
+        if len(self.stages) == 1:
+            return 0
+        return int(ops.convert_to_numpy(self.stage_variable))
+
+    def set_stage(self, stage: int) -> None:
+        if not 0 <= stage < len(self.stages):
+            raise ValueError(f"{self.name}: stage {stage} is not one of 0..{len(self.stages) - 1} {self.stages}")
+        if len(self.stages) > 1:
+            self.stage_variable.assign(stage)
 
     # ------------------------------------------------------------------ Keras API
     def call(self, features, training=None, labels=None):

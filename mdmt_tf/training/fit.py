@@ -14,6 +14,7 @@ A run directory holds:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import sys
 import time
@@ -154,6 +155,7 @@ class Run:
             self.encoded.check_cascade(self.model_config)
         elif self.encoded is not None:
             check_cascade(self.model_config, self.encoded.spec.tasks, self.encoded.labels["train"])
+        _check_stages(self.model_config, self.config)
         self._check_run_config()
         keras.utils.set_random_seed(self.config.seed)
         return self._run()
@@ -169,13 +171,16 @@ class Run:
         # training in the configured precision; evaluation in float32, the export in serving_precision
         with (self.strategy.scope() if self.strategy is not None else contextlib.nullcontext()):
             model = build_model(self.model_config, enc.schema, dtype=resolve_precision(c.precision))
+            last_stage = _last_stage_epoch(model, c)
             trainer, train_ds, steps_per_epoch, examples_per_step = self._trainer(model, enc)
             trainer.compile()
         validation = ValidationMetrics.of(trainer.serving_model(), enc, c.eval_batch_size)
         trajectory = ArchitectureTrajectory(model)
         balanced = BalanceTrajectory(trainer.balance) if getattr(trainer, "balance", None) is not None else None
         timer = _Timer(examples_per_step)
-        stopper = ResumableEarlyStopping(
+        stopping = (ResumableEarlyStopping if last_stage is None
+                    else functools.partial(_StagedEarlyStopping, last_stage=last_stage))
+        stopper = stopping(
             out / "checkpoints", tf.train.Checkpoint(trainer=trainer), patience=c.patience,
             resume_from=self.resume_dir,
             extra_state=lambda: {"arch_trajectory": trajectory.points, "train_seconds": timer.seconds,
@@ -218,6 +223,54 @@ class Run:
         info = RunInfo(self.model_config, c, out, self.model_dir, source=self.source, export=self.export,
                        plots=self.plots, save_predictions=self.save_predictions)
         return finish(trained, enc, info)
+
+
+def _check_stages(model_config: ModelConfig, config: TrainConfig) -> None:
+    """ConfigError for training settings a model trained in stages (MDMTModel.stages) does not
+    follow: MAMDR strategies, architecture search modes, loss balancing. Checked before the run
+    directory is written, so a corrected rerun is not taken for another run."""
+    stages = model_config.model_class.stages
+    if len(stages) == 1:
+        return
+    if config.strategy != "plain":
+        raise ConfigError(f"{model_config.name} trains in stages {list(stages)}: use --strategy plain (MAMDR's "
+                          f"{config.strategy!r} steps do not follow its stages)")
+    if config.arch_mode in ("bilevel", "authors") or config.balance.method != "none":
+        raise ConfigError(f"{model_config.name} trains in stages {list(stages)}: use --arch-mode joint or fixed and "
+                          f"no --loss-balance (got {config.arch_mode!r}, balance {config.balance.method!r})")
+
+
+def _last_stage_epoch(model, config: TrainConfig) -> int | None:
+    """For a model trained in stages (MDMTModel.stages), the 0-based epoch its last stage starts
+    (None for a model with one stage); ConfigError if the run's epochs never reach it."""
+    stages = model.stages
+    if len(stages) == 1:
+        return None
+    last = next((e for e in range(config.epochs) if model.stage_of_epoch(e) == len(stages) - 1), None)
+    if last is None:
+        raise ConfigError(f"{model.name}: {config.epochs} epoch(s) never reach its last stage {stages[-1]!r}; "
+                          "train for more epochs or shorten the earlier stages (stage_epochs)")
+    return last
+
+
+class _StagedEarlyStopping(ResumableEarlyStopping):
+    """Early stopping for a model trained in stages: an earlier stage never stops the run, and
+    the patience counts the last stage's epochs without improvement (on the best of the run)."""
+
+    def __init__(self, *args, last_stage: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.last_stage = last_stage  # the 0-based epoch the last stage starts
+
+    def on_epoch_end(self, epoch, logs=None):
+        patience = self.patience
+        if epoch < self.last_stage:
+            self.patience = sys.maxsize
+        elif epoch == self.last_stage:
+            self.state["wait"] = 0
+        try:
+            super().on_epoch_end(epoch, logs)
+        finally:
+            self.patience = patience
 
 
 def _balance_report(trainer, trajectory) -> dict | None:

@@ -31,6 +31,16 @@ variables train the same in every mode.
 
 Loss: mdmt_tf.training.losses.mdmt_loss (per-(domain, task) BCE means summed, optional
 task weights) plus the model's regularisation losses (embedding L2).
+
+Stages: a model trained in several stages (MDMTModel.stages, e.g. MTMS) enters, at the
+start of each epoch, the stage `model.stage_of_epoch(epoch)` (never going back: a model
+restored or reloaded in a later stage stays there), and the trainer then rebuilds its train
+function so that the weight optimizer updates only `model.trainable_in_stage(stage)`: the
+other variables, and their optimizer slots, do not move at all (they are left out of the
+optimizer's step, not given zero gradients, which Adam's momentum would still move). The
+optimizer is built on every stage's variables, so checkpoints have one structure. Such
+models train in arch_mode joint or fixed, without loss balancing; a model with one stage
+takes exactly the single-stage path.
 """
 from __future__ import annotations
 
@@ -40,6 +50,7 @@ from keras import ops
 
 from mdmt_tf.compat import NoSymbolicBuild, in_multi_worker_mode
 from mdmt_tf.errors import ConfigError
+from mdmt_tf.log import LOG
 from mdmt_tf.models.base import MDMTModel
 from mdmt_tf.training.losses import bce, mdmt_loss, unit_losses
 from mdmt_tf.training.options import ARCH_MODES
@@ -110,6 +121,14 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
                                   "train it without a distribution strategy")
             if not hasattr(balance, "build_for"):
                 balance.build()
+        # a model trained in stages: the stage this trainer's step functions update (see the module doc)
+        self.staged = len(model.stages) > 1
+        self.stage = model.stage
+        if self.staged and (arch_mode in ("bilevel", "authors") or balance is not None):
+            balancing = f", loss balancing {type(balance).__name__}" if balance is not None else ""
+            got = f"arch_mode {arch_mode!r}{balancing}"
+            raise ConfigError(f"{model.name} trains in stages {list(model.stages)}: use arch_mode joint or fixed "
+                              f"without loss balancing (got {got})")
         self.searching = bool(model.architecture_variables) and arch_mode in ("bilevel", "authors")
         if tf.distribute.has_strategy() and self.searching and (arch_mode == "authors" or arch_period > 1):
             raise ConfigError("under a distribution strategy the architecture step runs every step: use "
@@ -122,7 +141,7 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         if balance is not None and hasattr(balance, "build_for"):
             balance.build_for(len(self.weight_vars))
         self.weight_optimizer = weight_optimizer or keras.optimizers.Adam(learning_rate, name="weight_optimizer")
-        self.weight_optimizer.build(self.weight_vars)
+        self.weight_optimizer.build(self._weight_vars_of_every_stage())
         self.arch_optimizer = arch_optimizer or keras.optimizers.Adam(arch_learning_rate, name="arch_optimizer")
         if self.arch_vars:
             self.arch_optimizer.build(self.arch_vars)
@@ -146,15 +165,19 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
             # state holds its whole shuffle buffer, and a Transform graph's lookup tables in a
             # map function cannot be serialized; a resumed run then starts the stream afresh
             self._heldout = iterator if checkpoint_heldout else _Untracked(iterator)
-        if jit_compile:  # XLA-compile each step (Keras compiles train_step itself, without XLA)
-            if tf.distribute.has_strategy():
-                raise ConfigError("--jit cannot be combined with a distribution strategy (a compiled step "
-                                  "may not hold the gradient all-reduce)")
+        if jit_compile and tf.distribute.has_strategy():
+            raise ConfigError("--jit cannot be combined with a distribution strategy (a compiled step "
+                              "may not hold the gradient all-reduce)")
+        self.jit = bool(jit_compile)
+        self._make_step_functions()
+        self.built = True  # every variable exists (the model builds itself); lets Keras save weights
+
+    def _make_step_functions(self):
+        if self.jit:  # XLA-compile each step (Keras compiles train_step itself, without XLA)
             self._weight_step = tf.function(self._weight_step_impl, jit_compile=True, reduce_retracing=True)
             self._arch_step = tf.function(self._arch_step_impl, jit_compile=True, reduce_retracing=True)
         else:
             self._weight_step, self._arch_step = self._weight_step_impl, self._arch_step_impl
-        self.built = True  # every variable exists (the model builds itself); lets Keras save weights
 
     # ------------------------------------------------------------------ variables
     @property
@@ -164,11 +187,37 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
     @property
     def weight_vars(self) -> list:
         """What the weight optimizer updates: architecture variables excluded in bilevel /
-        fixed mode, included in joint / authors mode."""
+        fixed mode, included in joint / authors mode; for a model trained in stages, those of
+        the current stage only."""
+        variables = self._weight_vars_of_every_stage()
+        if not self.staged:
+            return variables
+        in_stage = {id(v) for v in self.net.trainable_in_stage(self.stage)}
+        return [v for v in variables if id(v) in in_stage]
+
+    def _weight_vars_of_every_stage(self) -> list:
         own = self.balance.trainable_variables if self.balance is not None else []
         if self.arch_mode in ("bilevel", "fixed"):
             return self.net.weight_variables + own
         return self.net.trainable_variables + own
+
+    # ------------------------------------------------------------------ stages
+    def enter_epoch(self, epoch: int) -> None:
+        """Before 0-based `epoch`: move the model to its stage for that epoch (never back),
+        and rebuild the step functions if their stage changed."""
+        stage = max(self.net.stage, self.net.stage_of_epoch(epoch))
+        if stage != self.net.stage:
+            self.net.set_stage(stage)
+        if stage != self.stage:
+            LOG.info("%s: stage %r from epoch %d", self.net.name, self.net.stages[stage], epoch + 1)
+            self.stage = stage
+            self._make_step_functions()
+            self.make_train_function(force=True)
+
+    def fit(self, *args, callbacks=None, **kwargs):
+        if self.staged:  # first, so the other callbacks' on_epoch_begin see the epoch's stage
+            callbacks = [_StageSchedule(), *(callbacks or [])]
+        return super().fit(*args, callbacks=callbacks, **kwargs)
 
     # ------------------------------------------------------------------ Keras API
     def call(self, features, training=None):
@@ -294,6 +343,13 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
         _, loss = self.loss_of(features, labels, training=False)
         self.loss_tracker.update_state(loss)
         return {"loss": self.loss_tracker.result()}
+
+
+class _StageSchedule(keras.callbacks.Callback):
+    """Enters each epoch's training stage (MDMTTrainer.enter_epoch)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.enter_epoch(epoch)
 
 
 class _Untracked:
