@@ -24,6 +24,7 @@ from mdmt_tf.models.baselines import PLE, STAR, MMoE, PEPNet, SharedBottom, Sing
 from mdmt_tf.models.cascade import AITM, ESMM
 from mdmt_tf.models.m2m import M2M
 from mdmt_tf.models.m3oe import M3oE
+from mdmt_tf.models.mtms import MTMS
 from mdmt_tf.models.musenet import MUSENet
 from mdmt_tf.models.schema import FeatureSchema
 from mdmt_tf.models.stem import STEM
@@ -45,6 +46,7 @@ MODELS: Mapping[str, tuple[type[MDMTModel], dict[str, Any]]] = MappingProxyType(
     "aesm2": (AESM2, {}),
     "m2m": (M2M, {}),
     "musenet": (MUSENet, {}),
+    "mtms": (MTMS, {}),
     "esmm": (ESMM, {}),
     "escm2": (ESMM, {"counterfactual": "dr"}),
     "aitm": (AITM, {}),

@@ -34,7 +34,7 @@ TRAIN_PREFIX = "train."
 SCHEDULE_PREFIX = "tuner/"  # Hyperband's bookkeeping values (tuner/epochs, tuner/trial_id...): not the model's
 UNIT_KEYS = ("expert_units", "tower_units", "bottom_units", "units", "star_units", "aux_units", "network_units",
              "forward_units", "scenario_expert_units", "task_expert_units", "scenario_units",
-             "shared_units")
+             "shared_units", "pair_units")
 
 
 def _units(hp, name: str, choices: list[str]) -> str:
@@ -54,6 +54,13 @@ def _m3oe(hp) -> None:
     _units(hp, "tower_units", ["64", "32"])
     hp.Choice("arch_granularity", ["scalar", "vector"])
     hp.Choice("dropout", [0.0, 0.1])
+    hp.Choice("shared_gate", ["network", "dselect_k"])  # "gating" is M3oE's softmax / aftb choice
+    _dselect(hp)
+
+
+def _dselect(hp) -> None:  # k <= 2: every gate of these spaces sees >= 2 experts
+    hp.Choice("dselect_k", [1, 2])
+    hp.Choice("dselect_entropy", [0.0, 1e-3, 1e-2])
 
 
 def _m3oe_family(hp) -> None:
@@ -75,6 +82,8 @@ def _mmoe(hp) -> None:
     hp.Int("num_experts", 2, 8, step=2)
     _units(hp, "expert_units", ["256,64", "128,32", "512,64"])
     _units(hp, "tower_units", ["64", "32"])
+    hp.Choice("gating", ["softmax", "dselect_k"])
+    _dselect(hp)
 
 
 def _ple(hp) -> None:
@@ -83,6 +92,8 @@ def _ple(hp) -> None:
     hp.Choice("num_task_experts", [1, 2])
     hp.Choice("num_shared_experts", [1, 2, 4])
     _units(hp, "expert_units", ["256,64", "128,32"])
+    hp.Choice("gating", ["softmax", "dselect_k"])
+    _dselect(hp)
 
 
 def _star(hp) -> None:
@@ -145,6 +156,14 @@ def _musenet(hp) -> None:
     hp.Choice("prototype_weight", [0.0, 0.1, 1.0])
 
 
+def _mtms(hp) -> None:
+    _common(hp)
+    _units(hp, "pair_units", ["64", "32", "64,32"])
+    _units(hp, "network_units", ["128,64", "256,128", "64"])
+    hp.Choice("network_inputs", ["scenario", "task", "all"])
+    hp.Choice("stage_epochs", [1, 2, 3])  # <= the patience: the tuner's EarlyStopping cannot end stage 1
+
+
 def _bottom(hp) -> None:
     _common(hp)
     _units(hp, "bottom_units", ["256,128", "512,256", "128"])
@@ -178,7 +197,7 @@ def _aitm(hp) -> None:
 # model name -> the function declaring its search space (a read-only table)
 SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, "shared_bottom": _bottom,
           "mmoe": _mmoe, "omoe": _mmoe, "me_mmoe": _mmoe, "ple": _ple, "me_ple": _ple, "star": _star,
-          "pepnet": _pepnet, "adi": _adi, "aesm2": _aesm2, "m2m": _m2m, "musenet": _musenet,
+          "pepnet": _pepnet, "adi": _adi, "aesm2": _aesm2, "m2m": _m2m, "musenet": _musenet, "mtms": _mtms,
           "esmm": _esmm, "escm2": _escm2, "aitm": _aitm}
 
 
@@ -242,7 +261,8 @@ class MDMTHyperModel(kt.HyperModel):
         self.fixed, self.verbose = dict(fixed or {}), verbose
         probe = build_model(ModelConfig(model_name, {}), encoded.schema)
         self.has_architecture = bool(probe.architecture_variables)
-        self.balances = searchable_balances(train_config)
+        # a model trained in stages (MTMS) trains without loss balancing
+        self.balances = searchable_balances(train_config) if len(probe.stages) == 1 else ()
         space = kt.HyperParameters()  # the free space, without the pinned values
         SPACES[model_name](space)
         _declare_training(space, self.has_architecture, self.balances)

@@ -25,6 +25,8 @@ VARIANTS = [
     ("m3oe_aftb", {"aftb_domains": True}),
     ("m3oe_aftb", {"shared_gate": "logits", "arch_granularity": "vector"}),
     ("m3oe_aftb", {"task_embedding_fields": ["user_id"]}),
+    ("m3oe", {"shared_gate": "dselect_k"}),
+    ("m3oe_aftb", {"shared_gate": "dselect_k"}),
     ("stem", {"aftb": False}),
     ("stem", {"task_embedding_fields": ["user_id", "item_id"], "num_task_experts": 2}),
 ]
@@ -50,7 +52,7 @@ def _bce(model, features, labels, training=False):
 
 def test_registry_lists_every_model():
     assert ALL == ["m3oe", "m3oe_aftb", "stem", "mlp", "shared_bottom", "mmoe", "omoe", "me_mmoe", "ple", "me_ple",
-                   "star", "pepnet", "adi", "aesm2", "m2m", "musenet", "esmm", "escm2", "aitm"]
+                   "star", "pepnet", "adi", "aesm2", "m2m", "musenet", "mtms", "esmm", "escm2", "aitm"]
 
 
 @pytest.mark.parametrize("name", ALL)

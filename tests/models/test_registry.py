@@ -161,6 +161,9 @@ def _expected_explain_shapes(name, model, schema, n):
     elif name == "musenet":
         shapes[("gates", "scenarios")] = (n, 1, p.num_scenarios)
         shapes[("extra", "scenario_posterior")] = (n, p.num_scenarios)
+    elif name == "mtms":  # stage 1's per-pair logits; stage 2's DNN logits as applied (0 in stage 1)
+        shapes[("extra", "pair_logits")] = (n, t)
+        shapes[("extra", "network_logits")] = (n, t)
     elif name in ("esmm", "escm2"):
         shapes[("extra", "conditional")] = (n, t)
         if name == "escm2":  # the DR imputation tower's conditional labels

@@ -35,6 +35,7 @@ SMALL = {
             "num_meta_unit_layers": 1, "num_tower_layers": 1},
     "musenet": {"embedding_dim": 4, "num_scenarios": 2, "scenario_units": [4], "expert_units": [8],
                 "shared_units": [8], "tower_units": [4]},
+    "mtms": {"embedding_dim": 4, "pair_units": [4], "network_units": [8]},
     "esmm": {"embedding_dim": 4, "tower_units": [8]},
     "escm2": {"embedding_dim": 4, "tower_units": [8]},
     "aitm": {"embedding_dim": 4, "tower_units": [8, 4]},
