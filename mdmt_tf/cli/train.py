@@ -284,8 +284,8 @@ def cmd_compare(args) -> int:
 def add_parsers(verbs) -> None:
     p = verbs.add_parser("train", help="train one model; write metrics.json, plots and a SavedModel",
                          formatter_class=DefaultsHelp)
-    p.add_argument("--model", default=None, help="model name (m3oe, m3oe_aftb, stem, mlp, shared_bottom, mmoe, "
-                                                 "ple, star, pepnet, esmm)")
+    p.add_argument("--model", default=None, help="model name (m3oe, mmoe, ple, star, adi, m2m, aesm2, esmm, escm2, "
+                                                 "...: README's model table; an unknown name lists them all)")
     add_data_flags(p)
     p.add_argument("--out", required=True, help="run directory; rerunning with the same one resumes")
     p.add_argument("--hparams", default=None, help="YAML/JSON model hyper-parameters (e.g. a tuner's best)")
