@@ -18,10 +18,13 @@ bi-level trainer optimises the two sets with separate optimizers.
 Training stages: a model trained in several stages (MTMS: its embeddings, then its network
 with the embeddings frozen) names them in `stages` and says which stage an epoch belongs to
 (`stage_of_epoch`) and which variables the weight optimizer updates in each
-(`trainable_in_stage`). Its current stage is a non-trainable int variable (`stage_variable`),
-so checkpoints and .keras files keep it and a reloaded model serves in its stage; the
-trainer (mdmt_tf.training.trainer) moves it forward at epoch boundaries. A model with one
-stage (every other model) has no such variable.
+(`trainable_in_stage`), and whether the supervised loss is optimised in it
+(`supervised_in_stage`: False for a self-supervised stage such as SASS's contrastive
+pre-training, which optimises only the model's own losses). Its current stage is a
+non-trainable int variable (`stage_variable`), so checkpoints and .keras files keep it and
+a reloaded model serves in its stage; the trainer (mdmt_tf.training.trainer) moves it
+forward at epoch boundaries. A model with one stage (every other model) has no such
+variable.
 """
 from __future__ import annotations
 
@@ -76,6 +79,13 @@ class MDMTModel(keras.Model):
         """The variables the weight optimizer may update in `stage` (the trainer intersects them
         with its own weight variables); every trainable variable by default."""
         return list(self.trainable_variables)
+
+    def supervised_in_stage(self, stage: int) -> bool:
+        """Whether the trainer optimises the supervised loss (its per-(domain, task) BCE) in
+        `stage`. False for a self-supervised stage (SASS's contrastive pre-training): the
+        trainer then still reports that loss but optimises only the model's own losses
+        (`model.losses`). True by default (every stage of every other model)."""
+        return True
 
     @property
     def stage(self) -> int:

@@ -37,7 +37,10 @@ start of each epoch, the stage `model.stage_of_epoch(epoch)` (never going back: 
 restored or reloaded in a later stage stays there), and the trainer then rebuilds its train
 function so that the weight optimizer updates only `model.trainable_in_stage(stage)`: the
 other variables, and their optimizer slots, do not move at all (they are left out of the
-optimizer's step, not given zero gradients, which Adam's momentum would still move). The
+optimizer's step, not given zero gradients, which Adam's momentum would still move). In a
+stage where `model.supervised_in_stage(stage)` is False (SASS's contrastive pre-training) the
+step optimises only the model's own losses (`model.losses`); the supervised loss is still
+computed and reported as the loss. The
 optimizer is built on every stage's variables, so checkpoints have one structure. Such
 models train in arch_mode joint or fixed, without loss balancing; a model with one stage
 takes exactly the single-stage path.
@@ -233,10 +236,13 @@ class MDMTTrainer(NoSymbolicBuild, keras.Model):
 
     def loss_of(self, features, labels, training=True):
         """(loss + regularisation, loss) on one batch (a training pass also gives the model
-        the labels, for a loss that reads them: MDMTModel.label_loss)."""
+        the labels, for a loss that reads them: MDMTModel.label_loss). In a stage without
+        supervision (MDMTModel.supervised_in_stage) the first is the regularisation alone."""
         probs = self.net(features, training=training, labels=labels if training else None)
         loss = mdmt_loss(labels, probs, features[self.net.schema.domain], self.net.schema.num_domains,
                          self.net.schema.tasks, self.task_weights, self.loss_reduction)
+        if self.staged and not self.net.supervised_in_stage(self.stage):
+            return self._regularisation(), loss
         return loss + self._regularisation(), loss
 
     def _regularisation(self):
