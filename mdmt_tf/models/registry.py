@@ -26,6 +26,7 @@ from mdmt_tf.models.m2m import M2M
 from mdmt_tf.models.m3oe import M3oE
 from mdmt_tf.models.mtms import MTMS
 from mdmt_tf.models.musenet import MUSENet
+from mdmt_tf.models.sass import SASS
 from mdmt_tf.models.schema import FeatureSchema
 from mdmt_tf.models.stem import STEM
 
@@ -47,6 +48,7 @@ MODELS: Mapping[str, tuple[type[MDMTModel], dict[str, Any]]] = MappingProxyType(
     "m2m": (M2M, {}),
     "musenet": (MUSENet, {}),
     "mtms": (MTMS, {}),
+    "sass": (SASS, {}),
     "esmm": (ESMM, {}),
     "escm2": (ESMM, {"counterfactual": "dr"}),
     "aitm": (AITM, {}),

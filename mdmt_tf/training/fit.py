@@ -254,23 +254,24 @@ def _last_stage_epoch(model, config: TrainConfig) -> int | None:
 
 
 class _StagedEarlyStopping(ResumableEarlyStopping):
-    """Early stopping for a model trained in stages: an earlier stage never stops the run, and
-    the patience counts the last stage's epochs without improvement (on the best of the run)."""
+    """Early stopping for a model trained in stages: an earlier stage never stops the run and
+    its weights are never the run's best (SASS's pre-training leaves the towers untrained), and
+    the patience counts the last stage's epochs without improvement."""
 
     def __init__(self, *args, last_stage: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.last_stage = last_stage  # the 0-based epoch the last stage starts
 
     def on_epoch_end(self, epoch, logs=None):
-        patience = self.patience
-        if epoch < self.last_stage:
-            self.patience = sys.maxsize
+        patience, monitor = self.patience, self.monitor
+        if epoch < self.last_stage:  # logged in the history, not monitored
+            self.patience, self.monitor = sys.maxsize, "(an earlier stage)"
         elif epoch == self.last_stage:
             self.state["wait"] = 0
         try:
             super().on_epoch_end(epoch, logs)
         finally:
-            self.patience = patience
+            self.patience, self.monitor = patience, monitor
 
 
 def _balance_report(trainer, trajectory) -> dict | None:

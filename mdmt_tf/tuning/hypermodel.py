@@ -164,6 +164,17 @@ def _mtms(hp) -> None:
     hp.Choice("stage_epochs", [1, 2, 3])  # <= the patience: the tuner's EarlyStopping cannot end stage 1
 
 
+def _sass(hp) -> None:
+    _common(hp)
+    hp.Choice("sat_units", [64, 32, 128])
+    hp.Choice("num_sat_layers", [3, 2])
+    _units(hp, "tower_units", ["64", "32", "64,32"])
+    hp.Choice("temperature", [0.1, 0.2, 0.05])
+    # <= the patience: the tuner's EarlyStopping must not end a trial in pre-training (whose
+    # validation AUC is that of untrained towers); 0 is SASS-Base (no pre-training)
+    hp.Choice("pretrain_epochs", [1, 2, 0])
+
+
 def _bottom(hp) -> None:
     _common(hp)
     _units(hp, "bottom_units", ["256,128", "512,256", "128"])
@@ -197,8 +208,8 @@ def _aitm(hp) -> None:
 # model name -> the function declaring its search space (a read-only table)
 SPACES = {"m3oe": _m3oe_family, "m3oe_aftb": _m3oe, "stem": _stem, "mlp": _mlp, "shared_bottom": _bottom,
           "mmoe": _mmoe, "omoe": _mmoe, "me_mmoe": _mmoe, "ple": _ple, "me_ple": _ple, "star": _star,
-          "pepnet": _pepnet, "adi": _adi, "aesm2": _aesm2, "m2m": _m2m, "musenet": _musenet, "mtms": _mtms,
-          "esmm": _esmm, "escm2": _escm2, "aitm": _aitm}
+          "pepnet": _pepnet, "adi": _adi, "aesm2": _aesm2, "m2m": _m2m, "musenet": _musenet,
+          "mtms": _mtms, "sass": _sass, "esmm": _esmm, "escm2": _escm2, "aitm": _aitm}
 
 
 def _declare_training(hp, has_architecture: bool, balances: Sequence[str] = ()) -> None:

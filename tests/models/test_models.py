@@ -52,7 +52,7 @@ def _bce(model, features, labels, training=False):
 
 def test_registry_lists_every_model():
     assert ALL == ["m3oe", "m3oe_aftb", "stem", "mlp", "shared_bottom", "mmoe", "omoe", "me_mmoe", "ple", "me_ple",
-                   "star", "pepnet", "adi", "aesm2", "m2m", "musenet", "mtms", "esmm", "escm2", "aitm"]
+                   "star", "pepnet", "adi", "aesm2", "m2m", "musenet", "mtms", "sass", "esmm", "escm2", "aitm"]
 
 
 @pytest.mark.parametrize("name", ALL)

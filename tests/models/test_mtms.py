@@ -385,7 +385,8 @@ def test_run_refuses_what_a_staged_model_cannot_train_with(registered, small_dat
 
 def test_staged_early_stopping_waits_for_the_last_stage(tmp_path):
     """patience 2, last stage from epoch index 3: the first stage never stops the run (however
-    bad), the wait restarts at the last stage and then counts its epochs without improvement."""
+    bad) and is never the best (SASS's pre-training leaves its towers untrained, however good its
+    AUC looks); the last stage's epochs are monitored, the wait counting from its start."""
     from mdmt_tf.training.fit import _StagedEarlyStopping
 
     class _Trainer:
@@ -393,12 +394,14 @@ def test_staged_early_stopping_waits_for_the_last_stage(tmp_path):
 
     stopper = _StagedEarlyStopping(tmp_path, tf.train.Checkpoint(v=tf.Variable(1.0)), patience=2, last_stage=3)
     stopper.set_model(_Trainer())
-    for epoch, auc in enumerate([0.7, 0.6, 0.5, 0.6]):
+    for epoch, auc in enumerate([0.7, 0.6, 0.5, 0.6, 0.6]):
         stopper.on_epoch_end(epoch, {"val_mean_auc": auc})
         assert not stopper.model.stop_training, epoch  # plain early stopping would stop after index 2
-        assert stopper.state["wait"] == [0, 1, 2, 1][epoch] and stopper.patience == 2
-    stopper.on_epoch_end(4, {"val_mean_auc": 0.6})
-    assert stopper.model.stop_training and stopper.state["stopped_early"] and stopper.state["best_epoch"] == 1
+        assert stopper.state["best_epoch"] == (None if epoch < 3 else 4) and stopper.patience == 2
+        assert stopper.state["wait"] == [1, 2, 3, 0, 1][epoch], epoch
+    assert [h["val_mean_auc"] for h in stopper.state["history"]] == [0.7, 0.6, 0.5, 0.6, 0.6]  # all logged
+    stopper.on_epoch_end(5, {"val_mean_auc": 0.5})
+    assert stopper.model.stop_training and stopper.state["stopped_early"] and stopper.state["best"] == 0.6
 
 
 class _Crash(keras.callbacks.Callback):

@@ -164,6 +164,10 @@ def _expected_explain_shapes(name, model, schema, n):
     elif name == "mtms":  # stage 1's per-pair logits; stage 2's DNN logits as applied (0 in stage 1)
         shapes[("extra", "pair_logits")] = (n, t)
         shapes[("extra", "network_logits")] = (n, t)
+    elif name == "sass":  # the own scenario's fusion weight alpha; mean adaptive / update gate per SAGU layer
+        shapes[("extra", "fusion_alpha")] = (n, p.sat_units)
+        shapes[("extra", "adaptive_gate")] = (n, p.num_sat_layers)
+        shapes[("extra", "update_gate")] = (n, p.num_sat_layers)
     elif name in ("esmm", "escm2"):
         shapes[("extra", "conditional")] = (n, t)
         if name == "escm2":  # the DR imputation tower's conditional labels

@@ -36,6 +36,7 @@ SMALL = {
     "musenet": {"embedding_dim": 4, "num_scenarios": 2, "scenario_units": [4], "expert_units": [8],
                 "shared_units": [8], "tower_units": [4]},
     "mtms": {"embedding_dim": 4, "pair_units": [4], "network_units": [8]},
+    "sass": {"embedding_dim": 4, "sat_units": 8, "num_sat_layers": 1, "tower_units": [4]},
     "esmm": {"embedding_dim": 4, "tower_units": [8]},
     "escm2": {"embedding_dim": 4, "tower_units": [8]},
     "aitm": {"embedding_dim": 4, "tower_units": [8, 4]},
