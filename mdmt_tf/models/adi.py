@@ -155,9 +155,17 @@ class _Networks(keras.layers.Layer):
         self.units = check_units(units, "units", name)
         self.num_domains = check_positive_int(num_domains, "num_domains", name)
         self.dsbn, self.momentum, self.dropout = bool(dsbn), float(momentum), float(dropout)
-        self.norms = [PartitionedNorm(self.num_domains, momentum=self.momentum, dtype=self.dtype_policy,
-                                      name=f"dsbn_{i}") for i in range(len(self.units))] if self.dsbn else []
+        # one attribute per norm, not a list: TF's checkpoints do not track Keras lists of layers, and
+        # the norms' moving statistics (non-trainable) are not reachable through the optimizer either
+        self.num_norms = len(self.units) if self.dsbn else 0
+        for i in range(self.num_norms):
+            setattr(self, f"dsbn_{i}", PartitionedNorm(self.num_domains, momentum=self.momentum,
+                                                       dtype=self.dtype_policy, name=f"dsbn_{i}"))
         self.dropout_layer = layers.Dropout(self.dropout, dtype=self.dtype_policy) if self.dropout else None
+
+    @property
+    def norms(self) -> list:
+        return [getattr(self, f"dsbn_{i}") for i in range(self.num_norms)]
 
     def _norm_width(self, width: int) -> int:
         raise NotImplementedError
